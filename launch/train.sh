@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Launch a recipe with the deepspeed launcher: CPU ranks with gloo when there is no GPU, one rank
+# per GPU with nccl otherwise, several nodes with HOSTFILE=launch/hostfile.
+#   ./launch/train.sh recipes/moe_tiny.yaml train.lr=3e-3 checkpoint.every_tokens=2e5
+# Environment: NUM_RANKS (ranks on this node; default parallel.world_size of the recipe),
+# HOSTFILE (multi-node), MASTER_PORT.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${MOE_MERGE_VENV:-$ROOT/.venv}
+PY="$VENV/bin/python"
+if [ $# -lt 1 ]; then echo "usage: $0 RECIPE [key=value ...]" >&2; exit 2; fi
+cd "$ROOT"
+gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+if [ "$gpus" = 0 ]; then export DS_ACCELERATOR=cpu; fi
+# Resolving one key validates the whole recipe: errors exit here, before any rank starts.
+n=${NUM_RANKS:-$("$PY" -m moe_merge.train "$@" --get parallel.world_size)}
+if [ "$n" = 0 ]; then n=$([ "$gpus" = 0 ] && echo 2 || echo "$gpus"); fi
+port=${MASTER_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+if [ -n "${HOSTFILE:-}" ]; then
+  exec "$VENV/bin/deepspeed" --hostfile "$HOSTFILE" --master_port "$port" --module moe_merge.train "$@"
+fi
+exec "$VENV/bin/deepspeed" --num_gpus "$n" --master_port "$port" --module moe_merge.train "$@"

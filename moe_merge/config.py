@@ -1,0 +1,351 @@
+"""Recipe schema and loading.
+
+Dataclasses are the schema, YAML files are data. Loading goes: structured schema -> recipe YAML
+-> ``key=value`` overrides -> dataclass objects -> validation. Every problem surfaces as one
+:class:`ConfigError` that names the recipe file and the key. OmegaConf is used only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+MOE_ARCHS = ("qwen3_moe", "mixtral")
+DENSE_ARCHS = ("qwen3", "llama")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+
+
+class ConfigError(ValueError):
+    """A recipe problem, reported as one line naming the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "qwen3_moe"
+    """HF architecture: qwen3_moe or mixtral (MoE), qwen3 or llama (dense)."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes the tokenizer's (data.vocab_size)."""
+    hidden_size: int = 128
+    """Model width D."""
+    num_layers: int = 4
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    head_dim: int = 32
+    """Per-head dimension."""
+    intermediate_size: int = 512
+    """FFN width of dense layers (dense archs)."""
+    moe_intermediate_size: int = 128
+    """FFN width of one expert (MoE archs)."""
+    num_experts: int = 8
+    """Routed experts per MoE layer (MoE archs)."""
+    top_k: int = 2
+    """Experts each token is routed to."""
+    norm_topk_prob: bool = True
+    """Renormalise the top-k routing weights to sum to 1."""
+    router_aux_loss_coef: float = 0.01
+    """Weight of the load-balancing loss added to the LM loss."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the RoPE tables are built for."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding and the LM head."""
+    init_std: float = 0.02
+    """Std of the normal initialisation."""
+
+    @property
+    def is_moe(self) -> bool:
+        return self.arch in MOE_ARCHS
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"
+    """'stdlib' (this Python's own standard-library sources, no download), or a path: a .txt
+    file, a .jsonl file, a directory of such files, or a pre-tokenized .bin (uint16/uint32)."""
+    jsonl_key: str = "text"
+    """Field holding the text in JSONL records."""
+    bin_dtype: str = "uint16"
+    """Token dtype of a pre-tokenized .bin source (uint16 or uint32)."""
+    tokenizer: str = ""
+    """HF tokenizer directory to use; empty trains a byte-level BPE on the training split."""
+    vocab_size: int = 4096
+    """Vocabulary of the locally trained tokenizer (and of a .bin source)."""
+    tokenizer_train_bytes: float = 4e6
+    """Bytes of training text the local tokenizer is trained on."""
+    seq_len: int = 256
+    """Tokens per training sequence."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation (split by a hash of the document id)."""
+    cache_dir: str = ""
+    """Where tokenizers and token memmaps are cached; empty: $MOE_MERGE_CACHE or ~/.cache/moe_merge."""
+
+
+@dataclass
+class OptimizerConfig:
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "wsd"
+    """wsd (warmup-stable-decay) or cosine."""
+    warmup_tokens: float = 0.0
+    """Tokens of linear warmup from 0 to train.lr."""
+    decay_tokens: float = 0.0
+    """WSD: tokens of decay at the end of train.max_tokens (0: no decay, constant LR to the end)."""
+    decay_shape: str = "1-sqrt"
+    """WSD decay shape: linear, cosine or 1-sqrt."""
+    min_lr_ratio: float = 0.0
+    """LR at the end of the decay, as a fraction of train.lr."""
+
+
+@dataclass
+class ParallelConfig:
+    world_size: int = 0
+    """Ranks the recipe is written for (launch/train.sh starts this many); 0: whatever the
+    launcher starts. The trainer refuses a launch with a different count."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3; picks ds_configs/zero<stage>.json unless ds_config is set."""
+    ds_config: str = ""
+    """DeepSpeed engine-settings JSON; empty: ds_configs/zero<zero_stage>.json."""
+    ep_size: int = 1
+    """Expert-parallel size (DeepSpeed AutoEP); 1 keeps every expert on every rank."""
+    micro_batch: int = 8
+    """Sequences per rank per micro step."""
+    global_batch: int = 16
+    """Sequences per optimizer step over all ranks (= micro_batch x grad_accum x world_size)."""
+    precision: str = "fp32"
+    """fp32 or bf16 (bf16 compute with fp32 master weights)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_tokens: float = 0.0
+    """Save a checkpoint every this many tokens (the paper's interval V); 0 saves only at the end."""
+    keep_last: int = 0
+    """Keep only the newest k checkpoints; 0 keeps all."""
+    save_final: bool = True
+    """Also save at the end of training."""
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    """Steps between train-metric log lines (TensorBoard and metrics.jsonl)."""
+    val_every: int = 50
+    """Steps between validation passes; 0 disables (a final one still runs)."""
+    val_batches: int = 8
+    """Fixed validation batches (micro_batch sequences each) per validation pass."""
+    tensorboard: bool = True
+    """Write TensorBoard events to <run>/tb through DeepSpeed's monitor."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class TrainConfig:
+    max_tokens: float = 1e6
+    """Token budget of the run (the step count is max_tokens / tokens per step)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    resume: str = "auto"
+    """auto: continue from <run>/checkpoints/latest if present; never: refuse an existing run."""
+    fork_from: str = ""
+    """A global_stepN directory of another run to start from (weights, optimizer, step count),
+    with this recipe's schedule: e.g. an annealing branch from step N."""
+
+
+@dataclass
+class RecipeConfig:
+    name: str = MISSING
+    """Run name; the run directory is <output_dir>/<name>."""
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 1234
+    """Seed for initialisation (data order is a function of the seed and the step)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.parallel.global_batch * self.data.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.train.max_tokens) // self.tokens_per_step
+
+    @property
+    def checkpoint_every_steps(self) -> int:
+        """0 when periodic checkpoints are off."""
+        return int(self.checkpoint.every_tokens) // self.tokens_per_step
+
+    def grad_accum(self, world_size: int) -> int:
+        return self.parallel.global_batch // (self.parallel.micro_batch * world_size)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """Load and validate a recipe. Raises ConfigError naming the file and the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    schema = OmegaConf.structured(RecipeConfig)
+    try:
+        data = OmegaConf.load(path)
+    except Exception as e:  # yaml scanner/parser errors
+        raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
+    try:
+        merged = OmegaConf.merge(schema, data)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_omegaconf_message(e)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{path}: override '{item}' is not of the form key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: override '{item}': {_omegaconf_message(e)}") from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_omegaconf_message(e)}") from None
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if type(e).__name__ == "ConfigKeyError" or "not in struct" in msg or "Key '" in msg:
+        return f"unknown key '{key}'" if key else msg
+    if type(e).__name__ == "MissingMandatoryValue":
+        return f"key '{key}' is required"
+    return f"key '{key}': {msg}" if key else msg
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"key '{key}': {msg}")
+
+
+def _integral(value: float, key: str) -> None:
+    _require(value >= 0 and math.isfinite(value) and float(value).is_integer(), key,
+             f"must be a non-negative whole number of tokens, got {value}")
+
+
+def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
+    """Check value ranges and cross-section arithmetic. ``world_size`` defaults to the recipe's."""
+    m, d, p, s, t, c = cfg.model, cfg.data, cfg.parallel, cfg.schedule, cfg.train, cfg.checkpoint
+    _require(cfg.name != "" and "/" not in cfg.name, "name", "must be a non-empty name without '/'")
+    _require(m.arch in MOE_ARCHS + DENSE_ARCHS, "model.arch",
+             f"'{m.arch}' is not one of {', '.join(MOE_ARCHS + DENSE_ARCHS)}")
+    for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+        _require(getattr(m, k) > 0, f"model.{k}", "must be positive")
+    _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+             f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
+    _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: the tokenizer's)")
+    if m.is_moe:
+        _require(m.num_experts > 0 and m.moe_intermediate_size > 0, "model.num_experts",
+                 "MoE archs need num_experts > 0 and moe_intermediate_size > 0")
+        _require(0 < m.top_k <= m.num_experts, "model.top_k",
+                 f"must be in 1..model.num_experts={m.num_experts}, got {m.top_k}")
+    else:
+        _require(m.intermediate_size > 0, "model.intermediate_size", "must be positive")
+    _require(d.seq_len > 1, "data.seq_len", "must be > 1")
+    _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    _require(d.bin_dtype in ("uint16", "uint32"), "data.bin_dtype", "must be uint16 or uint32")
+    _require(d.vocab_size >= 256 + 1, "data.vocab_size", "must be > 256 (byte-level BPE)")
+    _require(len(cfg.optimizer.betas) == 2 and all(0 <= b < 1 for b in cfg.optimizer.betas),
+             "optimizer.betas", "must be two numbers in [0, 1)")
+    _require(cfg.optimizer.grad_clip >= 0, "optimizer.grad_clip", "must be >= 0")
+    _require(t.lr > 0, "train.lr", "must be positive")
+    _require(t.resume in ("auto", "never"), "train.resume", "must be auto or never")
+    _integral(t.max_tokens, "train.max_tokens")
+    _require(s.kind in ("wsd", "cosine"), "schedule.kind", f"'{s.kind}' is not wsd or cosine")
+    _require(s.decay_shape in DECAY_SHAPES, "schedule.decay_shape",
+             f"'{s.decay_shape}' is not one of {', '.join(DECAY_SHAPES)}")
+    _integral(s.warmup_tokens, "schedule.warmup_tokens")
+    _integral(s.decay_tokens, "schedule.decay_tokens")
+    _require(0.0 <= s.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "must be in [0, 1]")
+    _require(s.warmup_tokens + (s.decay_tokens if s.kind == "wsd" else 0) <= t.max_tokens,
+             "schedule.warmup_tokens", "warmup + decay exceed train.max_tokens")
+    _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+    _require(p.precision in ("fp32", "bf16"), "parallel.precision", "must be fp32 or bf16")
+    _require(p.micro_batch > 0 and p.global_batch > 0, "parallel.micro_batch", "must be positive")
+    _require(p.ep_size >= 1, "parallel.ep_size", "must be >= 1")
+    _require(p.world_size >= 0, "parallel.world_size", "must be >= 0")
+    if p.ep_size > 1:
+        _require(m.is_moe, "parallel.ep_size", f"expert parallelism needs a MoE arch, not {m.arch}")
+        _require(m.num_experts % p.ep_size == 0, "parallel.ep_size",
+                 f"{p.ep_size} does not divide model.num_experts={m.num_experts}")
+        _require(p.zero_stage >= 1, "parallel.zero_stage",
+                 "DeepSpeed AutoEP needs ZeRO stage 1, 2 or 3 with parallel.ep_size > 1")
+    ws = world_size if world_size is not None else p.world_size
+    if ws:
+        check_world_size(cfg, ws)
+    _integral(c.every_tokens, "checkpoint.every_tokens")
+    _require(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0 (0 keeps all)")
+    _require(c.every_tokens == 0 or c.every_tokens >= cfg.tokens_per_step,
+             "checkpoint.every_tokens",
+             f"{c.every_tokens:g} is less than one step ({cfg.tokens_per_step} tokens = "
+             "parallel.global_batch x data.seq_len)")
+    _require(cfg.total_steps >= 1, "train.max_tokens",
+             f"{t.max_tokens:g} is less than one step ({cfg.tokens_per_step} tokens)")
+    _require(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
+    _require(cfg.logging.val_every >= 0, "logging.val_every", "must be >= 0")
+    _require(cfg.logging.val_batches >= 1, "logging.val_batches", "must be >= 1")
+
+
+def check_world_size(cfg: RecipeConfig, world_size: int) -> None:
+    """Batch and expert-parallel arithmetic for a launch of ``world_size`` ranks."""
+    p = cfg.parallel
+    if p.world_size:
+        _require(p.world_size == world_size, "parallel.world_size",
+                 f"the recipe is written for {p.world_size} ranks but {world_size} were launched")
+    _require(world_size % p.ep_size == 0, "parallel.ep_size",
+             f"{p.ep_size} does not divide the world size {world_size}")
+    _require(p.global_batch % (p.micro_batch * world_size) == 0, "parallel.global_batch",
+             f"{p.global_batch} is not a multiple of parallel.micro_batch x world size = "
+             f"{p.micro_batch} x {world_size}")
+
+
+def to_yaml(cfg: RecipeConfig) -> str:
+    """The resolved recipe as YAML (what the run directory stores as recipe.yaml)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

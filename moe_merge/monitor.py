@@ -1,0 +1,68 @@
+"""Metrics: DeepSpeed's TensorBoard monitor, metrics.jsonl and the rank-0 progress bar.
+
+Scalars go through ``engine.monitor.write_events`` so the recipe's metrics land in the same event
+files as DeepSpeed's own. MoE load histograms go to the same TensorBoard writer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Scalar names written by the trainer (tests check that they reach TensorBoard).
+TRAIN_SCALARS = ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "train/tokens")
+MOE_SCALARS = ("moe/aux_loss", "moe/load_entropy", "moe/load_max_over_mean")
+VAL_SCALARS = ("val/loss", "val/ppl")
+
+
+def expert_load_stats(load_LE: torch.Tensor) -> dict[str, float]:
+    """Statistics of per-layer expert token counts [L, E] (L layers, E experts).
+
+    load_entropy: mean over layers of H(p) / log(E), 1 = perfectly balanced.
+    load_max_over_mean: mean over layers of max_e(load) / mean_e(load), 1 = balanced.
+    """
+    load_LE = load_LE.double()
+    totals_L = load_LE.sum(dim=1, keepdim=True).clamp_min(1)
+    p_LE = load_LE / totals_L
+    ent_L = -(p_LE * p_LE.clamp_min(1e-30).log()).sum(dim=1) / math.log(load_LE.shape[1])
+    mom_L = load_LE.max(dim=1).values / load_LE.mean(dim=1).clamp_min(1e-30)
+    return {"moe/load_entropy": ent_L.mean().item(), "moe/load_max_over_mean": mom_L.mean().item()}
+
+
+class MetricsLogger:
+    """Rank-0 sink for scalars: TensorBoard (through the engine's monitor) and metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, engine, enabled: bool):
+        self.enabled = enabled
+        self.engine = engine
+        self.path = run_dir / "metrics.jsonl"
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines beyond ``step`` (a resume rewinds to its checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        if len(keep) != len(lines):
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def log(self, step: int, scalars: dict[str, float], event: str | None = None) -> None:
+        if not self.enabled:
+            return
+        self.engine.monitor.write_events([(k, v, step) for k, v in scalars.items()])
+        record: dict[str, Any] = {"step": step, **scalars}
+        if event:
+            record["event"] = event
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def histogram(self, name: str, values: torch.Tensor, step: int) -> None:
+        tb = getattr(self.engine.monitor, "tb_monitor", None)
+        writer = getattr(tb, "summary_writer", None) if tb is not None else None
+        if self.enabled and writer is not None:
+            writer.add_histogram(name, values.float(), step)
+            writer.flush()

@@ -1,0 +1,330 @@
+"""The training loop: one DeepSpeed engine, deterministic data, WSD/cosine LR, checkpoints every V
+tokens with sidecars, TensorBoard + metrics.jsonl, resume and fork.
+
+Shape legend: B micro batch, S sequence length, V vocabulary, L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moe_merge import checkpointing as ckpt
+from moe_merge.config import ConfigError, RecipeConfig, check_world_size, to_dict, to_yaml
+from moe_merge.data import Batches, TokenData, prepare, validation_windows
+from moe_merge.ds_config import build_ds_config
+from moe_merge.model import build_model, hf_config
+from moe_merge.monitor import MetricsLogger, expert_load_stats
+from moe_merge.schedule import Schedule
+
+logger = logging.getLogger(__name__)
+
+# Recipe keys a resumed run must share with the run directory's recipe.yaml.
+RESUME_INVARIANTS = ("seed", "model", "data.source", "data.seq_len", "data.vocab_size",
+                     "data.tokenizer", "data.val_fraction", "parallel.global_batch")
+
+
+def _dist_env() -> None:
+    """Let a plain ``python -m moe_merge.train`` run as a one-rank job."""
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+
+
+def _lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def check_resume_compatible(cfg: RecipeConfig, stored_yaml: Path) -> None:
+    from omegaconf import OmegaConf
+
+    stored = OmegaConf.to_container(OmegaConf.load(stored_yaml))
+    now = to_dict(cfg)
+    for key in RESUME_INVARIANTS:
+        try:
+            old = _lookup(stored, key)
+        except (KeyError, TypeError):
+            continue
+        if old != _lookup(now, key):
+            raise ConfigError(f"key '{key}': differs from the run being resumed ({stored_yaml}); "
+                              "use a new name, or train.fork_from to branch")
+
+
+@dataclass
+class StepStats:
+    """Per-step values kept on device until the next log/checkpoint step."""
+    lm_loss: torch.Tensor
+    aux_loss: torch.Tensor
+
+
+class Trainer:
+    def __init__(self, cfg: RecipeConfig):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        _dist_env()
+        self.cfg = cfg
+        self.on_cpu = get_accelerator().device_name() == "cpu"
+        if self.on_cpu:
+            local_ws = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ws))
+        deepspeed.init_distributed(dist_backend="gloo" if self.on_cpu else None)
+        self.dist = torch.distributed
+        self.rank = self.dist.get_rank()
+        self.world = self.dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        check_world_size(cfg, self.world)
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        resuming = cfg.train.resume == "auto" and ckpt.latest_tag(self.ckpt_dir) is not None
+        if self.run_dir.exists() and not resuming and ckpt.list_tags(self.ckpt_dir):
+            raise ConfigError(f"key 'train.resume': run directory {self.run_dir} already has "
+                              "checkpoints; set train.resume=auto or choose another name")
+        if resuming and (self.run_dir / "recipe.yaml").exists():
+            check_resume_compatible(cfg, self.run_dir / "recipe.yaml")
+        self.resuming = resuming
+        if cfg.train.fork_from and not resuming:
+            fork = Path(cfg.train.fork_from)
+            if not (fork.is_dir() and ckpt.TAG_RE.match(fork.name)):
+                raise ConfigError(f"key 'train.fork_from': {fork} is not a global_stepN directory")
+
+        # Data: one process per node builds the cache, the others wait for it.
+        if self.local_rank == 0:
+            prepare(cfg.data)
+        self.dist.barrier()
+        self.data: TokenData = prepare(cfg.data)
+        self.vocab = cfg.model.vocab_size or self.data.vocab_size
+        self.batches = Batches(self.data.train, cfg.data.seq_len, cfg.seed)
+        n_val = -(-cfg.logging.val_batches // self.world) * self.world
+        self.val_windows = validation_windows(self.data.val, cfg.data.seq_len,
+                                              n_val * cfg.parallel.micro_batch)
+        self.schedule = Schedule.from_recipe(cfg)
+        self.grad_accum = cfg.grad_accum(self.world)
+
+        self.ds_config = build_ds_config(cfg, self.world, self.run_dir)
+        if self.rank == 0:
+            self._write_run_files()
+        self.dist.barrier()
+
+        model = build_model(cfg.model, self.vocab, cfg.seed)
+        self.aux_coef = cfg.model.router_aux_loss_coef if cfg.model.is_moe else 0.0
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        groups = [{"name": "decay", "params": decay},
+                  {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, config=self.ds_config)
+        self.device = self.engine.device
+        self.load_counters = [m.tokens_per_expert for m in self.engine.module.modules()
+                              if isinstance(getattr(m, "tokens_per_expert", None), torch.Tensor)]
+        self.metrics = MetricsLogger(self.run_dir, self.engine, enabled=self.rank == 0)
+        self.step = 0
+        self._restore()
+
+    # ---- run directory -------------------------------------------------------------------
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_atomic(self.run_dir / "recipe.yaml", to_yaml(self.cfg))
+        ckpt.write_atomic(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2))
+        hf_dir = self.run_dir / "hf"
+        tmp = self.run_dir / ".hf.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf_config(self.cfg.model, self.vocab).save_pretrained(str(tmp))
+        if self.data.tokenizer_dir is not None and self.data.tokenizer_dir.is_dir():
+            for f in self.data.tokenizer_dir.iterdir():
+                shutil.copy2(f, tmp / f.name)
+        shutil.rmtree(hf_dir, ignore_errors=True)
+        os.replace(tmp, hf_dir)
+
+    def _restore(self) -> None:
+        cfg = self.cfg
+        if self.resuming:
+            path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
+            self.step = int(client["moe_merge"]["step"])
+            self._log0(f"resumed from {path} at step {self.step}")
+            self.metrics.truncate_after(self.step)
+        elif cfg.train.fork_from:
+            fork = Path(cfg.train.fork_from)
+            path, client = self.engine.load_checkpoint(str(fork.parent), tag=fork.name,
+                                                       load_lr_scheduler_states=False)
+            if path is None:
+                raise ConfigError(f"key 'train.fork_from': DeepSpeed could not load {fork}")
+            self.step = int(client["moe_merge"]["step"])
+            self._log0(f"forked from {fork} at step {self.step}")
+            if self.rank == 0:
+                ckpt.write_atomic(self.run_dir / "fork.json", json.dumps(
+                    {"fork_from": str(fork.resolve()), "step": self.step}, indent=1))
+
+    def _log0(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[moe_merge] {msg}", flush=True)
+
+    # ---- one step ------------------------------------------------------------------------
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _forward_loss(self, window_BS: torch.Tensor, with_aux: bool):
+        out = self.engine(input_ids=window_BS[:, :-1])
+        logits_BSV = out.logits
+        lm_loss = F.cross_entropy(logits_BSV.float().reshape(-1, logits_BSV.shape[-1]),
+                                  window_BS[:, 1:].reshape(-1))
+        aux = getattr(out, "aux_loss", None) if with_aux else None
+        aux = aux.to(lm_loss.dtype) if isinstance(aux, torch.Tensor) else torch.zeros_like(lm_loss)
+        return lm_loss, aux
+
+    def train_step(self) -> StepStats:
+        cfg, step = self.cfg, self.step
+        mb = cfg.parallel.micro_batch
+        first = step * cfg.parallel.global_batch + self.rank * mb * self.grad_accum
+        rows = torch.from_numpy(self.batches.samples(first, mb * self.grad_accum)).to(self.device)
+        self._set_lr(self.schedule.lr_at(step))
+        lm_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            lm_loss, aux = self._forward_loss(rows[micro * mb:(micro + 1) * mb], with_aux=True)
+            self.engine.backward(lm_loss + self.aux_coef * aux)
+            self.engine.step()
+            lm_sum += lm_loss.detach()
+            aux_sum += aux.detach()
+        self.step += 1
+        return StepStats(lm_sum / self.grad_accum, aux_sum / self.grad_accum)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        self.engine.eval()
+        mb = self.cfg.parallel.micro_batch
+        mine = self.val_windows.reshape(-1, self.world, mb, self.val_windows.shape[-1])[:, self.rank]
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for window in mine:
+            lm_loss, _ = self._forward_loss(torch.from_numpy(window).to(self.device), False)
+            total += torch.tensor([lm_loss.item(), 1.0], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(total)
+        for c in self.load_counters:  # validation routing is not training load
+            c.zero_()
+        self.engine.train()
+        return (total[0] / total[1]).item()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _reduce_steps(self, pending: list[StepStats]) -> tuple[list[float], float]:
+        """Global mean LM loss of each pending step, and the mean aux loss over them."""
+        t = torch.stack([torch.stack([s.lm_loss for s in pending]),
+                         torch.stack([s.aux_loss for s in pending])]).double()
+        self.dist.all_reduce(t)
+        t /= self.world
+        return t[0].tolist(), t[1].mean().item()
+
+    def _expert_load(self) -> torch.Tensor | None:
+        if not self.load_counters:
+            return None
+        load_LE = torch.stack([c.detach().clone() for c in self.load_counters]).double()
+        self.dist.all_reduce(load_LE)
+        for c in self.load_counters:
+            c.zero_()
+        return load_LE
+
+    def fit(self) -> dict:
+        cfg, sched = self.cfg, self.schedule
+        tps = cfg.tokens_per_step
+        every = cfg.checkpoint_every_steps
+        total = sched.total_steps
+        self._log0(f"run dir {self.run_dir.resolve()}  |  {total} steps x {tps} tokens, "
+                   f"checkpoint every {every or '-'} steps, grad accum {self.grad_accum}, "
+                   f"world {self.world}")
+        bar = None
+        if self.rank == 0 and cfg.logging.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, initial=self.step, desc=cfg.name, unit="step",
+                       dynamic_ncols=True, mininterval=2.0)
+        pending: list[StepStats] = []
+        last_loss = float("nan")
+        val_loss = None
+        t_last, step_last = time.perf_counter(), self.step
+        while self.step < total:
+            pending.append(self.train_step())
+            step = self.step
+            log_now = step % cfg.logging.log_every == 0 or step == total
+            save_now = (every and step % every == 0) or (step == total and cfg.checkpoint.save_final)
+            val_now = (cfg.logging.val_every and step % cfg.logging.val_every == 0) or step == total
+            if log_now or save_now:
+                losses, aux = self._reduce_steps(pending)
+                pending.clear()
+                last_loss = losses[-1]
+                if log_now:
+                    now = time.perf_counter()
+                    scalars = {
+                        "train/loss": sum(losses) / len(losses),
+                        "train/lr": sched.lr_at(step - 1),
+                        "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                        "train/tokens": step * tps,
+                        "perf/tokens_per_s": (step - step_last) * tps / (now - t_last),
+                    }
+                    load_LE = self._expert_load()
+                    if load_LE is not None:
+                        scalars["moe/aux_loss"] = aux
+                        scalars.update(expert_load_stats(load_LE))
+                        self.metrics.histogram("moe/expert_load",
+                                               load_LE / load_LE.sum(1, keepdim=True), step)
+                    self.metrics.log(step, scalars)
+                    t_last, step_last = now, step
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
+                                        lr=f"{scalars['train/lr']:.2e}",
+                                        tok_s=f"{scalars['perf/tokens_per_s']:.0f}", refresh=False)
+            if val_now:
+                val_loss = self.validate()
+                self.metrics.log(step, {"val/loss": val_loss,
+                                        "val/ppl": float(torch.tensor(val_loss).exp())})
+            if save_now:
+                self.save(step, last_loss, val_loss if val_now else None)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        self.engine.monitor.tb_monitor and self.engine.monitor.tb_monitor.flush()
+        summary = {"run_dir": str(self.run_dir.resolve()), "steps": self.step,
+                   "tokens": self.step * tps, "final_train_loss": last_loss,
+                   "final_val_loss": val_loss,
+                   "checkpoints": [str(p) for _, p in ckpt.list_tags(self.ckpt_dir)]}
+        return summary
+
+    def save(self, step: int, train_loss: float, val_loss: float | None) -> None:
+        tag = ckpt.tag_for(step)
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag,
+                                    client_state={"moe_merge": {"step": step}})
+        if self.rank == 0:
+            info = {"tokens": step * self.cfg.tokens_per_step,
+                    "lr": self.schedule.lr_at(step - 1), "train_loss": train_loss,
+                    "phase": self.schedule.phase(step - 1), "time": time.time()}
+            if val_loss is not None:
+                info["val_loss"] = val_loss
+            ckpt.write_sidecar(self.ckpt_dir, step, info)
+            ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
+        self.dist.barrier()
+
+
+def run(cfg: RecipeConfig) -> dict:
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    if trainer.rank == 0:
+        print(f"[moe_merge] done: {summary['steps']} steps, {summary['tokens']:,} tokens, "
+              f"final train loss {summary['final_train_loss']:.4f}, val loss "
+              f"{summary['final_val_loss']:.4f}", flush=True)
+        print(f"[moe_merge] run directory: {summary['run_dir']}", flush=True)
+        print(f"[moe_merge] checkpoints:   {trainer.ckpt_dir.resolve()} "
+              f"({len(summary['checkpoints'])} tags)", flush=True)
+        print(f"[moe_merge] TensorBoard:   tensorboard --logdir {trainer.run_dir.resolve() / 'tb'}",
+              flush=True)
+    return summary
