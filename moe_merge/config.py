@@ -167,6 +167,9 @@ class TrainConfig:
     """Peak learning rate."""
     resume: str = "auto"
     """auto: continue from <run>/checkpoints/latest if present; never: refuse an existing run."""
+    stop_after_steps: int = 0
+    """End this launch after this many optimizer steps in total, saving a checkpoint (for
+    time-limited allocations; the schedule still spans max_tokens). 0: run to max_tokens."""
     fork_from: str = ""
     """A global_stepN directory of another run to start from (weights, optimizer, step count),
     with this recipe's schedule: e.g. an annealing branch from step N."""
@@ -294,6 +297,7 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
     _require(t.lr > 0, "train.lr", "must be positive")
     _require(t.resume in ("auto", "never"), "train.resume", "must be auto or never")
     _integral(t.max_tokens, "train.max_tokens")
+    _require(t.stop_after_steps >= 0, "train.stop_after_steps", "must be >= 0")
     _require(s.kind in ("wsd", "cosine"), "schedule.kind", f"'{s.kind}' is not wsd or cosine")
     _require(s.decay_shape in DECAY_SHAPES, "schedule.decay_shape",
              f"'{s.decay_shape}' is not one of {', '.join(DECAY_SHAPES)}")

@@ -240,6 +240,7 @@ class Trainer:
         tps = cfg.tokens_per_step
         every = cfg.checkpoint_every_steps
         total = sched.total_steps
+        end = min(total, cfg.train.stop_after_steps or total)
         self._log0(f"run dir {self.run_dir.resolve()}  |  {total} steps x {tps} tokens, "
                    f"checkpoint every {every or '-'} steps, grad accum {self.grad_accum}, "
                    f"world {self.world}")
@@ -252,12 +253,13 @@ class Trainer:
         last_loss = float("nan")
         val_loss = None
         t_last, step_last = time.perf_counter(), self.step
-        while self.step < total:
+        while self.step < end:
             pending.append(self.train_step())
             step = self.step
-            log_now = step % cfg.logging.log_every == 0 or step == total
-            save_now = (every and step % every == 0) or (step == total and cfg.checkpoint.save_final)
-            val_now = (cfg.logging.val_every and step % cfg.logging.val_every == 0) or step == total
+            log_now = step % cfg.logging.log_every == 0 or step == end
+            save_now = (every and step % every == 0) or (
+                step == end and (end < total or cfg.checkpoint.save_final))
+            val_now = (cfg.logging.val_every and step % cfg.logging.val_every == 0) or step == end
             if log_now or save_now:
                 losses, aux = self._reduce_steps(pending)
                 pending.clear()
@@ -293,7 +295,6 @@ class Trainer:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        self.engine.monitor.tb_monitor and self.engine.monitor.tb_monitor.flush()
         summary = {"run_dir": str(self.run_dir.resolve()), "steps": self.step,
                    "tokens": self.step * tps, "final_train_loss": last_loss,
                    "final_val_loss": val_loss,

@@ -1,0 +1,56 @@
+"""Shared fixtures: a session-wide data cache and a runner for 2-rank deepspeed launches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+# A model small enough that a 2-rank CPU launch trains a few steps in seconds.
+TINY_MOE = [
+    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+    "model.head_dim=32", "model.moe_intermediate_size=64", "model.num_experts=4",
+    "data.seq_len=64", "parallel.micro_batch=2", "parallel.global_batch=4",
+    "schedule.warmup_tokens=512", "checkpoint.every_tokens=1024", "train.max_tokens=2048",
+    "logging.log_every=1", "logging.val_every=4", "logging.val_batches=2",
+    "logging.progress=false",
+]
+TINY_DENSE = [o for o in TINY_MOE if "expert" not in o] + ["model.intermediate_size=128"]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """One tokenizer + memmap cache for the whole session (the stdlib corpus, built once)."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env, stdin=subprocess.DEVNULL)
+
+
+def launch(recipe: str, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """Train through launch/train.sh, i.e. the deepspeed launcher with 2 CPU ranks (gloo)."""
+    proc = run_cli(["bash", str(REPO / "launch" / "train.sh"), recipe, *overrides],
+                   timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{tail}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
