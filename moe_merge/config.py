@@ -297,6 +297,10 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
     _require(t.lr > 0, "train.lr", "must be positive")
     _require(t.resume in ("auto", "never"), "train.resume", "must be auto or never")
     _integral(t.max_tokens, "train.max_tokens")
+    if t.fork_from:
+        fork = Path(t.fork_from)
+        _require(fork.is_dir() and fork.name.startswith("global_step"), "train.fork_from",
+                 f"{fork} is not a global_stepN checkpoint directory")
     _require(t.stop_after_steps >= 0, "train.stop_after_steps", "must be >= 0")
     _require(s.kind in ("wsd", "cosine"), "schedule.kind", f"'{s.kind}' is not wsd or cosine")
     _require(s.decay_shape in DECAY_SHAPES, "schedule.decay_shape",

@@ -20,12 +20,15 @@ INJECTED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accu
 
 def engine_config_path(cfg: RecipeConfig) -> Path:
     if cfg.parallel.ds_config:
-        return Path(cfg.parallel.ds_config)
+        path = Path(cfg.parallel.ds_config)
+        return path if path.is_absolute() or path.exists() else REPO_ROOT / path
     return REPO_ROOT / "ds_configs" / f"zero{cfg.parallel.zero_stage}.json"
 
 
-def build_ds_config(cfg: RecipeConfig, world_size: int, run_dir: Path | None = None) -> dict:
-    """Engine settings from the JSON template plus everything the recipe owns."""
+def build_ds_config(cfg: RecipeConfig, world_size: int, run_dir: Path | None = None,
+                    on_gpu: bool = False) -> dict:
+    """Engine settings from the JSON template plus everything the recipe owns. ``on_gpu``
+    selects AutoEP's grouped GEMM for the experts (not available on CPU)."""
     path = engine_config_path(cfg)
     try:
         ds = json.loads(path.read_text())
@@ -53,7 +56,7 @@ def build_ds_config(cfg: RecipeConfig, world_size: int, run_dir: Path | None = N
     })
     if cfg.model.is_moe:
         ds["expert_parallel"] = {"enabled": True, "autoep_size": p.ep_size,
-                                 "preset_model": cfg.model.arch, "use_grouped_mm": False}
+                                 "preset_model": cfg.model.arch, "use_grouped_mm": on_gpu}
     if cfg.logging.tensorboard:
         ds["tensorboard"] = {"enabled": True,
                              "output_path": str((run_dir or cfg.run_dir) / "tb"), "job_name": ""}

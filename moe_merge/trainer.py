@@ -94,10 +94,6 @@ class Trainer:
         if resuming and (self.run_dir / "recipe.yaml").exists():
             check_resume_compatible(cfg, self.run_dir / "recipe.yaml")
         self.resuming = resuming
-        if cfg.train.fork_from and not resuming:
-            fork = Path(cfg.train.fork_from)
-            if not (fork.is_dir() and ckpt.TAG_RE.match(fork.name)):
-                raise ConfigError(f"key 'train.fork_from': {fork} is not a global_stepN directory")
 
         # Data: one process per node builds the cache, the others wait for it.
         if self.local_rank == 0:
@@ -112,7 +108,7 @@ class Trainer:
         self.schedule = Schedule.from_recipe(cfg)
         self.grad_accum = cfg.grad_accum(self.world)
 
-        self.ds_config = build_ds_config(cfg, self.world, self.run_dir)
+        self.ds_config = build_ds_config(cfg, self.world, self.run_dir, on_gpu=not self.on_cpu)
         if self.rank == 0:
             self._write_run_files()
         self.dist.barrier()
@@ -301,6 +297,14 @@ class Trainer:
                    "checkpoints": [str(p) for _, p in ckpt.list_tags(self.ckpt_dir)]}
         return summary
 
+    def close(self) -> None:
+        """Flush the monitor and tear the process group down before interpreter exit."""
+        tb = getattr(self.engine.monitor, "tb_monitor", None)
+        if tb is not None and tb.summary_writer is not None:
+            tb.summary_writer.close()
+        self.dist.barrier()
+        self.dist.destroy_process_group()
+
     def save(self, step: int, train_loss: float, val_loss: float | None) -> None:
         tag = ckpt.tag_for(step)
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag,
@@ -319,6 +323,7 @@ class Trainer:
 def run(cfg: RecipeConfig) -> dict:
     trainer = Trainer(cfg)
     summary = trainer.fit()
+    trainer.close()
     if trainer.rank == 0:
         print(f"[moe_merge] done: {summary['steps']} steps, {summary['tokens']:,} tokens, "
               f"final train loss {summary['final_train_loss']:.4f}, val loss "
