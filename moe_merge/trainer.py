@@ -113,6 +113,9 @@ class Trainer:
             self._write_run_files()
         self.dist.barrier()
 
+        # Every rank builds the full fp32 model before DeepSpeed partitions it. Building under
+        # deepspeed.zero.Init was tried: with AutoEP the experts come out NaN, for dense models
+        # transformers' _init_weights no longer applies (see the issue notes).
         model = build_model(cfg.model, self.vocab, cfg.seed)
         self.aux_coef = cfg.model.router_aux_loss_coef if cfg.model.is_moe else 0.0
         decay, no_decay = [], []
