@@ -132,3 +132,22 @@ def test_fork_starts_an_annealing_branch_from_a_checkpoint(tmp_path, data_cache)
     assert json.loads((branch / "fork.json").read_text())["step"] == 4
     meta = json.loads((branch / "checkpoints" / "global_step8" / "meta.json").read_text())
     assert meta["phase"] == "decay" and meta["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("recipe, overrides, model_type", [
+    (MOE_RECIPE, ["model.arch=mixtral"], "mixtral"),                   # AutoEP Mixtral preset
+    (MOE_RECIPE, ["parallel.ep_size=1"], "qwen3_moe"),                 # all experts on every rank
+    (MOE_RECIPE, ["parallel.precision=bf16"], "qwen3_moe"),            # bf16, fp32 master weights
+    (DENSE_RECIPE, ["model.arch=llama", "parallel.zero_stage=0"], "llama"),  # plain data parallel
+], ids=["mixtral-ep2-zero2", "qwen3moe-ep1-zero2", "qwen3moe-ep2-bf16", "llama-zero0"])
+def test_other_architectures_and_settings_train(recipe, overrides, model_type, tmp_path,
+                                                data_cache):
+    tiny = TINY_MOE if recipe == MOE_RECIPE else TINY_DENSE
+    launch(recipe, [*tiny, *overrides, f"output_dir={tmp_path}", f"data.cache_dir={data_cache}"])
+    run_dir = next(tmp_path.iterdir())
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1] - 0.3, losses
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert json.loads((run_dir / "hf" / "config.json").read_text())["model_type"] == model_type
+    assert ds["bf16"]["enabled"] == ("parallel.precision=bf16" in overrides)
+    assert (run_dir / "checkpoints" / "global_step8" / "meta.json").exists()
