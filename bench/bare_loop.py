@@ -21,6 +21,7 @@ def main() -> None:
     from moe_merge.data import Batches, prepare
     from moe_merge.ds_config import build_ds_config
     from moe_merge.model import build_model
+    from moe_merge.trainer import param_groups
 
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     cfg = load_recipe(args[0], args[1:])
@@ -33,7 +34,7 @@ def main() -> None:
     ds = build_ds_config(cfg, world)
     ds.pop("tensorboard", None)
     model = build_model(cfg.model, data.vocab_size, cfg.seed)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model),
                                            config=ds)
     mb, accum = cfg.parallel.micro_batch, cfg.grad_accum(world)
     coef = cfg.model.router_aux_loss_coef if cfg.model.is_moe else 0.0

@@ -118,13 +118,8 @@ class Trainer:
         # transformers' _init_weights no longer applies (see the issue notes).
         model = build_model(cfg.model, self.vocab, cfg.seed)
         self.aux_coef = cfg.model.router_aux_loss_coef if cfg.model.is_moe else 0.0
-        decay, no_decay = [], []
-        for name, p in model.named_parameters():
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        groups = [{"name": "decay", "params": decay},
-                  {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=groups, config=self.ds_config)
+            model=model, model_parameters=param_groups(model), config=self.ds_config)
         self.device = self.engine.device
         self.load_counters = [m.tokens_per_expert for m in self.engine.module.modules()
                               if isinstance(getattr(m, "tokens_per_expert", None), torch.Tensor)]
@@ -321,6 +316,16 @@ class Trainer:
             ckpt.write_sidecar(self.ckpt_dir, step, info)
             ckpt.prune(self.ckpt_dir, self.cfg.checkpoint.keep_last)
         self.dist.barrier()
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """AdamW groups: no weight decay on norms and vectors. DeepSpeed's MoE support needs the
+    "name" key on every group."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    return [{"name": "decay", "params": decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
 
 
 def run(cfg: RecipeConfig) -> dict:
