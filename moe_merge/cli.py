@@ -1,14 +1,55 @@
-"""The ``moe-merge`` console script."""
+"""The ``moe-merge`` console script: inspect, merge and evaluate DeepSpeed checkpoints."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from moe_merge import __version__
 
 
-def main(argv: list[str] | None = None) -> int:
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _inspect(args) -> int:
+    from moe_merge.checkpoint.inspect import inspect, render
+
+    report = inspect(args.ckpt, verify=False)
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0 if report["mergeable"] else 1
+
+
+def _merge(args) -> int:
+    from moe_merge.merge.merger import merge
+
+    tags = [t for t in args.tags.split(",") if t.strip()] if args.tags else None
+    merge(args.ckpts, args.out, strategy=args.strategy, alpha=args.alpha, weights=args.weights,
+          last=args.last, every=args.every, tags=tags, fmt=args.format,
+          hf_config=args.hf_config, max_shard_size=args.max_shard_size,
+          overwrite=args.overwrite, source=args.source, allow_nonfinite=args.allow_nonfinite,
+          verify=not args.no_verify, progress=not args.quiet)
+    return 0
+
+
+def _eval(args) -> int:
+    from moe_merge.evals.loss import evaluate
+
+    result = evaluate(args.model, recipe=args.recipe, data=args.data, overrides=args.overrides,
+                      hf_config=args.hf_config)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['model']}: validation loss {result['loss']:.4f}  perplexity "
+              f"{result['ppl']:.2f}  ({result['tokens']:,} tokens, {result['data']})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="moe-merge",
         description="Model merging during LLM pre-training (PMA) for DeepSpeed dense and MoE runs.",
@@ -17,19 +58,94 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--version", action="version", version=f"moe-merge {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
     dr = sub.add_parser("dry-run", help="validate a recipe; print the resolved recipe, DeepSpeed "
                                         "config and parameter counts")
     dr.add_argument("recipe")
     dr.add_argument("overrides", nargs="*", help="key=value overrides")
     dr.add_argument("--world-size", type=int, default=None)
+
+    ins = sub.add_parser("inspect", help="describe DeepSpeed checkpoints: tags, steps, layout, "
+                                         "parameter counts, whether they can be merged")
+    ins.add_argument("ckpt", help="a run directory, its checkpoints/ directory, or one global_stepN/")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+
+    mg = sub.add_parser("merge", help="average checkpoints (SMA / EMA / WMA / explicit weights) "
+                                      "into an HF model or a safetensors state dict")
+    mg.add_argument("ckpts", nargs="+", metavar="CKPT",
+                    help="run directories, checkpoints/ directories or global_stepN/ directories")
+    mg.add_argument("--out", required=True, help="output directory (written atomically)")
+    mg.add_argument("--strategy", default="sma", choices=["sma", "wma", "ema"],
+                    help="sma: equal weights (default); wma: weight i/sum(j); ema: recursion with "
+                         "--alpha, started at the oldest checkpoint")
+    mg.add_argument("--alpha", type=float, default=None, help="EMA smoothing (paper: 0.1, 0.2)")
+    mg.add_argument("--weights", type=_floats, default=None,
+                    help="explicit weights w1,...,wN for the selected checkpoints, oldest first "
+                         "(normalised to sum 1)")
+    mg.add_argument("--last", type=int, default=None, help="merge the newest N checkpoints")
+    mg.add_argument("--every", type=int, default=None,
+                    help="take every K-th checkpoint counted back from the newest (interval V = "
+                         "K save intervals)")
+    mg.add_argument("--tags", default=None, help="comma-separated tags, e.g. global_step20,"
+                                                 "global_step40")
+    mg.add_argument("--format", default="hf", choices=["hf", "safetensors"],
+                    help="hf: transformers directory (default); safetensors: the full logical "
+                         "state dict under the checkpoint's own parameter names")
+    mg.add_argument("--hf-config", default=None,
+                    help="directory with the HF config.json (and tokenizer) when the run has no hf/")
+    mg.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (2GB)")
+    mg.add_argument("--source", default="master", choices=["master", "module"],
+                    help="master: fp32 master weights from the optimizer partitions (default); "
+                         "module: the module weights (rounded in bf16 runs)")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    mg.add_argument("--allow-nonfinite", action="store_true",
+                    help="merge even if an input tensor holds NaN or Inf")
+    mg.add_argument("--no-verify", action="store_true",
+                    help="skip the CRC-32 check of the tensor records read")
+    mg.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("eval", help="validation loss and perplexity of an HF model directory or "
+                                     "a checkpoint on the run's fixed validation batches")
+    ev.add_argument("model", help="HF model directory (e.g. a merge output), run directory, or "
+                                  "global_stepN/")
+    ev.add_argument("overrides", nargs="*", help="key=value recipe overrides "
+                                                 "(e.g. logging.val_batches=16)")
+    ev.add_argument("--recipe", default=None,
+                    help="recipe giving the validation batches (default: the run's recipe.yaml)")
+    ev.add_argument("--data", default=None,
+                    help="evaluate on the held-out split of this source instead (text, JSONL, a "
+                         "directory, or .bin), tokenized with the model's tokenizer")
+    ev.add_argument("--hf-config", default=None, help="HF config directory for a checkpoint "
+                                                      "without hf/")
+    ev.add_argument("--json", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.command == "dry-run":
         from moe_merge.train import main as train_main
 
         extra = ["--world-size", str(args.world_size)] if args.world_size else []
         return train_main([args.recipe, *args.overrides, "--dry-run", *extra])
-    ap.print_help()
-    return 0
+    if args.command is None:
+        ap.print_help()
+        return 0
+    from moe_merge.checkpoint.safe_load import CheckpointError
+    from moe_merge.config import ConfigError
+    from moe_merge.data import DataError
+    from moe_merge.merge.strategies import MergeError
+
+    handlers = {"inspect": _inspect, "merge": _merge, "eval": _eval}
+    try:
+        return handlers[args.command](args)
+    except (CheckpointError, MergeError, ConfigError, DataError) as e:
+        print(f"moe-merge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moe-merge {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,385 @@
+"""Read one DeepSpeed checkpoint tag (``global_stepN/``) as full logical fp32 tensors.
+
+Layouts (DeepSpeed 0.19; names as in DeepSpeed's own zero_to_fp32 / ds_to_universal):
+
+- ZeRO-0 fp32: ``mp_rank_00_model_states.pt`` holds the full ``module``.
+- ZeRO-1/2 (and bf16 at any stage <= 2): ``[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt``
+  per data-parallel rank R, holding that rank's slice of each parameter group's flat fp32 master
+  vector (``single_partition_of_fp32_groups[g]``) and where each parameter lies in it
+  (``param_slice_mappings[g][name] = (start, numel)``). ``mp_rank_00_model_states.pt`` holds the
+  non-expert ``module`` and the shapes; AutoEP experts are in one
+  ``layer_L_expert_E_mp_rank_00_model_states.pt`` per global expert.
+- ZeRO-3: per rank R ``zero_pp_rank_R_mp_rank_00_model_states.pt`` (shapes, AutoEP metadata of
+  that rank) and ``..._optim_states.pt`` (``fp32_flat_groups[g]``: every parameter of group g
+  cut in ceil(numel / P) pieces over the P ranks of the group's partition, padded).
+
+AutoEP expert parameters (``<layer>.experts.w1|w2|w3``, local shape [E_local, ...]) are
+partitioned over the expert-data-parallel group of their expert-parallel rank; the expert
+placement in ``ds_autoep_layers`` says which global experts each EP rank holds. A full logical
+expert tensor is [E, ...] with row e the global expert e.
+
+Parameters are read one at a time from memory-mapped files: a merge touches only the fp32
+master records it needs, never the optimizer moments.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_merge.checkpoint.safe_load import CheckpointError, load
+
+OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+@dataclass
+class Piece:
+    """``numel`` elements from ``start`` of a flat tensor found at ``key`` in ``file``."""
+    file: str
+    key: tuple
+    start: int
+    numel: int
+
+
+@dataclass
+class ExpertInfo:
+    num_experts: int
+    placement: dict[int, list[int]]  # EP rank -> global expert ids, in local order
+    layer_id: int
+    prefix: str  # e.g. model.layers.0.mlp.experts
+    weight: str  # w1 | w2 | w3
+
+
+@dataclass
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]  # full logical shape
+    local_shape: tuple[int, ...]  # shape on one EP rank (== shape for non-expert params)
+    expert: ExpertInfo | None = None
+    pieces: dict[int, list[tuple[int, Piece]]] = field(default_factory=dict)  # ep -> (order, piece)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+class DSCheckpoint:
+    """One tag directory of a DeepSpeed checkpoint."""
+
+    def __init__(self, tag_dir: Path | str, verify: bool = True):
+        self.dir = Path(tag_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: not a directory")
+        self.verify = verify
+        self._files: dict[str, dict] = {}
+        self._verified: set[tuple[str, str]] = set()
+        self._zip: dict[str, dict[str, zipfile.ZipInfo]] = {}
+        names = sorted(p.name for p in self.dir.iterdir() if p.is_file())
+        self.optim_files = {int(m.group(2)): n for n in names if (m := OPTIM_RE.match(n))}
+        self.zero3_model_files = {int(m.group(1)): n for n in names if (m := ZERO3_MODEL_RE.match(n))}
+        self.expert_files = {(int(m.group(1)), int(m.group(2))): n
+                             for n in names if (m := EXPERT_FILE_RE.match(n))}
+        if any(int(m.group(3)) for n in names if (m := OPTIM_RE.match(n))):
+            raise CheckpointError(f"{self.dir}: tensor/pipeline-parallel checkpoints (mp_rank > 0) "
+                                  "are not supported")
+        if MODEL_FILE in names:
+            self.model_file = MODEL_FILE
+        elif 0 in self.zero3_model_files:
+            self.model_file = self.zero3_model_files[0]
+        else:
+            raise CheckpointError(f"{self.dir}: no {MODEL_FILE} or zero_pp_rank_0_mp_rank_00_model_"
+                                  "states.pt: not a DeepSpeed checkpoint tag")
+        self.model_state = self._load(self.model_file)
+        for key in ("module", "ds_version"):
+            if key not in self.model_state:
+                raise CheckpointError(f"{self.dir / self.model_file}: key '{key}' missing: not a "
+                                      "DeepSpeed model-states file")
+        self.ds_config: dict = self.model_state.get("ds_config") or {}
+        self.autoep_layers: list[dict] = self.model_state.get("ds_autoep_layers") or []
+        if self.expert_files and not self.autoep_layers:
+            raise CheckpointError(f"{self.dir}: native deepspeed.moe.layer.MoE checkpoints (per-expert "
+                                  "files without AutoEP metadata) are not supported yet")
+        self.zero_stage = self._zero_stage()
+        self.dp_size = int(self.model_state.get("dp_world_size") or max(len(self.optim_files), 1))
+        self.has_master = bool(self.optim_files)
+        self.bf16 = any(n.startswith("bf16_") for n in self.optim_files.values()) or bool(
+            self.ds_config.get("bf16", {}).get("enabled"))
+        if self.optim_files and sorted(self.optim_files) != list(range(self.dp_size)):
+            missing = sorted(set(range(self.dp_size)) - set(self.optim_files))
+            raise CheckpointError(f"{self.dir}: optimizer partition of rank {missing[0]} missing "
+                                  f"(dp world size {self.dp_size}, found ranks "
+                                  f"{sorted(self.optim_files)})")
+        self.params: dict[str, ParamSpec] = self._build_specs()
+        self.buffers: dict[str, torch.Tensor] = {
+            n: self.model_state["module"][n] for n in self.model_state.get("buffer_names") or []
+            if n in self.model_state["module"]}
+        self.shared: dict[str, str] = dict(self.model_state.get("shared_params") or {})
+
+    # ---- description ---------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return int(self.model_state.get("global_steps") or 0)
+
+    @property
+    def ep_size(self) -> int:
+        return max((int(e["ep_size"]) for e in self.autoep_layers), default=1)
+
+    @property
+    def num_experts(self) -> int:
+        return max((int(e["num_experts"]) for e in self.autoep_layers), default=0)
+
+    @property
+    def preset(self) -> str | None:
+        ep = self.ds_config.get("expert_parallel") or {}
+        return ep.get("preset_model") if ep.get("enabled") else None
+
+    @cached_property
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
+
+    @cached_property
+    def master_files(self) -> list[str]:
+        return [self.optim_files[r] for r in sorted(self.optim_files)]
+
+    def param_counts(self) -> dict[str, int]:
+        expert = sum(p.numel for p in self.params.values() if p.expert is not None)
+        total = sum(p.numel for p in self.params.values())
+        return {"total": total, "expert": expert, "non_expert": total - expert}
+
+    def signature(self) -> dict[str, tuple[int, ...]]:
+        return {n: p.shape for n, p in self.params.items()}
+
+    # ---- reading -------------------------------------------------------------------------
+    def read(self, name: str, source: str = "master") -> torch.Tensor:
+        """The full logical fp32 tensor of parameter ``name``."""
+        spec = self.params[name]
+        if source == "module" or not self.has_master:
+            return self._read_module(spec)
+        out = torch.empty(spec.shape, dtype=torch.float32)
+        for ep_rank, pieces in sorted(spec.pieces.items()):
+            parts = [self._slice(p) for _, p in sorted(pieces, key=lambda t: t[0])]
+            flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+            want = math.prod(spec.local_shape)
+            if flat.numel() != want:
+                raise CheckpointError(f"{self.dir}: parameter {name} has {flat.numel()} master "
+                                      f"elements on EP rank {ep_rank}, expected {want}")
+            local = flat.view(spec.local_shape)
+            if spec.expert is None:
+                out.copy_(local)
+            else:
+                ids = spec.expert.placement[ep_rank]
+                out[torch.tensor(ids)] = local.float()
+        return out
+
+    def _read_module(self, spec: ParamSpec) -> torch.Tensor:
+        if self.zero_stage == 3:
+            raise CheckpointError(f"{self.dir}: ZeRO-3 checkpoints hold no full module weights; "
+                                  "read the fp32 master weights (--source master)")
+        if spec.expert is None:
+            t = self.model_state["module"].get(spec.name)
+            if t is None:
+                raise CheckpointError(f"{self.dir / self.model_file}: module weight {spec.name} missing")
+            return t.float().reshape(spec.shape)
+        e = spec.expert
+        rows = []
+        for g in range(e.num_experts):
+            fname = self.expert_files.get((e.layer_id, g))
+            if fname is None:
+                raise CheckpointError(f"{self.dir}: expert file layer_{e.layer_id}_expert_{g}_mp_rank_00"
+                                      "_model_states.pt missing")
+            sd = self._load(fname)
+            key = f"{e.prefix}.{e.weight}.{g}"
+            if key not in sd:
+                raise CheckpointError(f"{self.dir / fname}: key '{key}' missing")
+            rows.append(sd[key].float())
+        return torch.stack(rows).reshape(spec.shape)
+
+    def _slice(self, piece: Piece) -> torch.Tensor:
+        obj: Any = self._load(piece.file)
+        try:
+            for k in piece.key:
+                obj = obj[k]
+        except (KeyError, IndexError):
+            raise CheckpointError(f"{self.dir / piece.file}: key {'.'.join(map(str, piece.key))} "
+                                  "missing") from None
+        if piece.start + piece.numel > obj.numel():
+            raise CheckpointError(f"{self.dir / piece.file}: flat partition "
+                                  f"{'.'.join(map(str, piece.key))} has {obj.numel()} elements, "
+                                  f"needs {piece.start + piece.numel}")
+        if self.verify:
+            self._verify_storage(piece.file, obj)
+        return obj.narrow(0, piece.start, piece.numel).float()
+
+    def _verify_storage(self, fname: str, t: torch.Tensor) -> None:
+        """Check the CRC-32 of the zip record holding ``t``'s storage, once per record."""
+        if fname not in self._zip:
+            with zipfile.ZipFile(self.dir / fname) as z:
+                self._zip[fname] = {i.filename: i for i in z.infolist()}
+        storage = t.untyped_storage()
+        key = (fname, str(storage.data_ptr()))
+        if key in self._verified:
+            return
+        nbytes = storage.nbytes()
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,))
+        crc = zlib.crc32(raw.numpy())
+        if not any(i.CRC == crc and i.file_size == nbytes for i in self._zip[fname].values()
+                   if "/data/" in i.filename):
+            raise CheckpointError(f"{self.dir / fname}: a tensor record fails its CRC-32 check "
+                                  "(corrupted file)")
+        self._verified.add(key)
+
+    def _load(self, fname: str) -> dict:
+        if fname not in self._files:
+            self._files[fname] = load(self.dir / fname)
+        return self._files[fname]
+
+    # ---- layout discovery ----------------------------------------------------------------
+    def _zero_stage(self) -> int:
+        if self.optim_files:
+            osd = self._load(self.optim_files[min(self.optim_files)]).get("optimizer_state_dict", {})
+            if "zero_stage" in osd:
+                return int(osd["zero_stage"])
+        if self.zero3_model_files and MODEL_FILE not in self._files:
+            return 3
+        return int((self.ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+    def _expert_info(self) -> dict[str, ExpertInfo]:
+        info = {}
+        for entry in self.autoep_layers:
+            placement = entry.get("expert_placement")
+            if placement is not None:
+                ranks = {int(r["rank"]): [int(x) for x in r["experts"]] for r in placement["ranks"]}
+            else:
+                n_local = int(entry["num_local_experts"])
+                ranks = {r: list(range(r * n_local, (r + 1) * n_local))
+                         for r in range(int(entry["ep_size"]))}
+            for w in ("w1", "w2", "w3"):
+                name = f"{entry['expert_key_prefix']}.{w}"
+                info[name] = ExpertInfo(int(entry["num_experts"]), ranks, int(entry["moe_layer_id"]),
+                                        entry["expert_key_prefix"], w)
+        return info
+
+    def _spec(self, name: str, local_shape: tuple, experts: dict[str, ExpertInfo]) -> ParamSpec:
+        e = experts.get(name)
+        if e is None:
+            return ParamSpec(name, local_shape, local_shape)
+        counts = {len(v) for v in e.placement.values()}
+        if counts != {local_shape[0]}:
+            raise CheckpointError(f"{self.dir}: non-uniform AutoEP expert placement for {name} is "
+                                  "not supported")
+        return ParamSpec(name, (e.num_experts, *local_shape[1:]), local_shape, e)
+
+    def _build_specs(self) -> dict[str, ParamSpec]:
+        experts = self._expert_info()
+        if not self.optim_files:
+            if self.bf16:
+                raise CheckpointError(f"{self.dir}: bf16 checkpoint without optimizer partitions: "
+                                      "no fp32 master weights to read")
+            if self.zero_stage > 0:
+                raise CheckpointError(f"{self.dir}: ZeRO-{self.zero_stage} checkpoint without its "
+                                      "*_optim_states.pt files")
+            module = self.model_state["module"]
+            buffers = set(self.model_state.get("buffer_names") or [])
+            return {n: ParamSpec(n, tuple(t.shape), tuple(t.shape))
+                    for n, t in module.items() if n not in buffers}
+        if self.zero_stage == 3:
+            return self._specs_zero3(experts)
+        return self._specs_zero12(experts)
+
+    def _specs_zero12(self, experts: dict[str, ExpertInfo]) -> dict[str, ParamSpec]:
+        shapes = self.model_state.get("param_shapes")
+        specs: dict[str, ParamSpec] = {}
+        ep = self.ep_size
+        before = bool(self.ds_config.get("use_data_before_expert_parallelism", False))
+        if self.dp_size % ep:
+            raise CheckpointError(f"{self.dir}: dp size {self.dp_size} not divisible by ep size {ep}")
+        edp = self.dp_size // ep
+        for rank, fname in sorted(self.optim_files.items()):
+            osd = self._load(fname).get("optimizer_state_dict")
+            if not isinstance(osd, dict) or "single_partition_of_fp32_groups" not in osd:
+                raise CheckpointError(f"{self.dir / fname}: key 'optimizer_state_dict."
+                                      "single_partition_of_fp32_groups' missing")
+            mappings = osd.get("param_slice_mappings")
+            if mappings is None:
+                raise CheckpointError(f"{self.dir / fname}: key 'param_slice_mappings' missing "
+                                      "(checkpoint from a DeepSpeed older than 0.10?)")
+            for g, mapping in enumerate(mappings):
+                for name, frag in mapping.items():
+                    is_expert = name in experts
+                    if name not in specs:
+                        local = self._shape_of(shapes, g, name)
+                        specs[name] = self._spec(name, local, experts)
+                    ep_rank = ((rank // edp if before else rank % ep) if is_expert else 0)
+                    order = (rank % edp if before else rank // ep) if is_expert else rank
+                    piece = Piece(fname, ("optimizer_state_dict", "single_partition_of_fp32_groups",
+                                          g), int(frag.start), int(frag.numel))
+                    specs[name].pieces.setdefault(ep_rank, []).append((order, piece))
+        return self._ordered(specs, shapes)
+
+    def _specs_zero3(self, experts: dict[str, ExpertInfo]) -> dict[str, ParamSpec]:
+        specs: dict[str, ParamSpec] = {}
+        first_shapes = None
+        for rank, fname in sorted(self.optim_files.items()):
+            mfile = self.zero3_model_files.get(rank)
+            if mfile is None:
+                raise CheckpointError(f"{self.dir}: zero_pp_rank_{rank}_mp_rank_00_model_states.pt "
+                                      "missing")
+            mstate = self._load(mfile)
+            shapes = mstate.get("param_shapes")
+            if shapes is None:
+                raise CheckpointError(f"{self.dir / mfile}: key 'param_shapes' missing")
+            first_shapes = first_shapes or shapes
+            ep_rank_of = {f"{e['expert_key_prefix']}.{w}": int(e.get("ep_rank", 0))
+                          for e in mstate.get("ds_autoep_layers") or [] for w in ("w1", "w2", "w3")}
+            osd = self._load(fname).get("optimizer_state_dict")
+            if not isinstance(osd, dict) or "fp32_flat_groups" not in osd:
+                raise CheckpointError(f"{self.dir / fname}: key 'optimizer_state_dict."
+                                      "fp32_flat_groups' missing")
+            groups = osd.get("ds_zero_partition_groups") or []
+            for g, group_shapes in enumerate(shapes):
+                meta = groups[g] if g < len(groups) else {}
+                count = int(meta.get("partition_count", self.dp_size))
+                prank = int(meta.get("partition_rank", rank))
+                offset = 0
+                for name, shape in group_shapes.items():
+                    shape = tuple(int(s) for s in shape)
+                    numel = math.prod(shape)
+                    part = -(-numel // count)
+                    take = max(0, min(part, numel - prank * part))
+                    if name not in specs:
+                        specs[name] = self._spec(name, shape, experts)
+                    ep_rank = ep_rank_of.get(name, 0) if name in experts else 0
+                    piece = Piece(fname, ("optimizer_state_dict", "fp32_flat_groups", g), offset, take)
+                    specs[name].pieces.setdefault(ep_rank, []).append((prank, piece))
+                    offset += part
+        return self._ordered(specs, first_shapes)
+
+    def _shape_of(self, shapes, g: int, name: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(s) for s in shapes[g][name])
+        except (TypeError, IndexError, KeyError):
+            raise CheckpointError(f"{self.dir / self.model_file}: no shape for parameter {name} in "
+                                  f"param_shapes[{g}]") from None
+
+    def _ordered(self, specs: dict[str, ParamSpec], shapes) -> dict[str, ParamSpec]:
+        """Parameters in module order (the order of the model-states ``module`` dict)."""
+        order = [n for n in self.model_state["module"] if n in specs]
+        rest = [n for n in specs if n not in set(order)]
+        for name in [*order, *rest]:
+            spec = specs[name]
+            want = set(spec.expert.placement) if spec.expert else {0}
+            if set(spec.pieces) != want:
+                raise CheckpointError(f"{self.dir}: master weights of {name} missing for EP ranks "
+                                      f"{sorted(want - set(spec.pieces))}")
+        return {n: specs[n] for n in [*order, *rest]}

@@ -1,0 +1,109 @@
+"""Validation loss of an HF model directory or a DeepSpeed checkpoint on fixed batches.
+
+The batches are those the trainer logs ``val/loss`` on: the first windows of the recipe's
+validation split (``logging.val_batches`` x ``parallel.micro_batch`` windows, rounded up to a
+multiple of the world size), so a checkpoint's eval loss equals the trainer's ``val/loss`` at
+that step and merged models are compared on exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moe_merge.checkpoint.discover import find_tags, is_tag_dir
+from moe_merge.config import RecipeConfig, load_recipe
+from moe_merge.merge.strategies import MergeError
+
+
+def recipe_for(model: Path) -> Path | None:
+    """The recipe of the run a model or checkpoint comes from, when it can be found."""
+    model = Path(model)
+    candidates = []
+    manifest = model / "merge_manifest.json"
+    if manifest.is_file():
+        inputs = json.loads(manifest.read_text()).get("inputs") or []
+        if inputs:
+            candidates.append(Path(inputs[-1]["path"]).parent.parent)
+    if is_tag_dir(model):
+        candidates.append(model.parent.parent)
+    candidates += [model, model / ".."]
+    for c in candidates:
+        if (c / "recipe.yaml").is_file():
+            return c / "recipe.yaml"
+    return None
+
+
+def eval_windows(cfg: RecipeConfig, data_source: str | None = None,
+                 tokenizer_dir: Path | None = None):
+    """The fixed validation windows [n, seq_len + 1] of the recipe (or of ``data_source``)."""
+    from moe_merge.data import prepare, validation_windows
+
+    data_cfg = cfg.data
+    if data_source is not None:
+        data_cfg = dataclasses.replace(data_cfg, source=str(data_source),
+                                       tokenizer=str(tokenizer_dir) if tokenizer_dir else "")
+    data = prepare(data_cfg)
+    world = cfg.parallel.world_size
+    n_batches = -(-cfg.logging.val_batches // world) * world
+    return validation_windows(data.val, data_cfg.seq_len, n_batches * cfg.parallel.micro_batch)
+
+
+@torch.no_grad()
+def loss_on(model: torch.nn.Module, windows, micro_batch: int) -> tuple[float, int]:
+    """Mean next-token cross entropy over all windows, and the number of tokens scored."""
+    total, count = 0.0, 0
+    model.eval()
+    for i in range(0, len(windows), micro_batch):
+        x = torch.from_numpy(windows[i:i + micro_batch])
+        logits = model(input_ids=x[:, :-1]).logits.float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                               reduction="sum")
+        total += loss.item()
+        count += x[:, 1:].numel()
+    return total / count, count
+
+
+def load_hf(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise MergeError(f"{model_dir}: not an HF model directory (no config.json)")
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+
+
+def evaluate(model_path: str | Path, recipe: str | Path | None = None,
+             data: str | None = None, overrides: list[str] | None = None,
+             hf_config: str | Path | None = None) -> dict:
+    """Validation loss and perplexity of ``model_path`` (HF dir or DeepSpeed checkpoint)."""
+    model_path = Path(model_path)
+    if not model_path.exists():
+        raise MergeError(f"{model_path}: no such file or directory")
+    recipe_path = Path(recipe) if recipe else recipe_for(model_path)
+    if recipe_path is None:
+        raise MergeError(f"{model_path}: cannot find the run's recipe.yaml for its validation "
+                         "batches; pass --recipe RECIPE")
+    cfg = load_recipe(recipe_path, overrides or [])
+    with tempfile.TemporaryDirectory(prefix="moe_merge_eval_") as tmp:
+        hf_dir = model_path
+        label = str(model_path)
+        if not (model_path / "config.json").is_file():  # a checkpoint: take its newest tag as is
+            from moe_merge.merge.merger import merge
+
+            tag = find_tags([model_path])[-1]
+            label = str(tag.path)
+            merge([tag.path], Path(tmp) / "model", last=1, hf_config=hf_config, progress=False,
+                  echo=lambda s: None)
+            hf_dir = Path(tmp) / "model"
+        windows = eval_windows(cfg, data, hf_dir if data else None)
+        model = load_hf(hf_dir)
+        loss, tokens = loss_on(model, windows, cfg.parallel.micro_batch)
+    return {"model": label, "recipe": str(recipe_path), "data": data or cfg.data.source,
+            "windows": int(len(windows)), "tokens": tokens, "loss": loss,
+            "ppl": math.exp(min(loss, 50.0))}

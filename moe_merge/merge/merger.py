@@ -1,0 +1,187 @@
+"""The streaming merger: M = sum_i w_i M_i over DeepSpeed checkpoints, one tensor at a time.
+
+For each output tensor the full logical fp32 tensor of every selected checkpoint is read from
+its memory-mapped master partitions, accumulated in float64 (so that N identical checkpoints
+merge to themselves bit for bit, and the SMA of two is their correctly rounded midpoint), cast
+to fp32 and handed to the shard writer. Peak memory: one output shard plus a few tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from moe_merge import __version__
+from moe_merge.checkpoint.discover import Tag, find_tags, hf_dir_for
+from moe_merge.checkpoint.names import OutTensor, check_against_hf, hf_expected, hf_map, identity_map
+from moe_merge.checkpoint.reader import DSCheckpoint
+from moe_merge.checkpoint.safe_load import CheckpointError
+from moe_merge.merge.strategies import MergeError, select, strategy_weights
+from moe_merge.merge.writer import ShardWriter, atomic_dir, check_target, parse_size, plan_shards
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("hf", "safetensors")
+MANIFEST = "merge_manifest.json"
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _tag_filter(tags: Sequence[str | int] | None) -> list[int] | None:
+    if tags is None:
+        return None
+    steps = []
+    for t in tags:
+        s = str(t).strip()
+        s = s[len("global_step"):] if s.startswith("global_step") else s
+        if not s.isdigit():
+            raise MergeError(f"--tags: {t!r} is not a tag like global_step200 or a step number")
+        steps.append(int(s))
+    return steps
+
+
+def plan(ckpts: Sequence[str | Path], strategy: str = "sma", alpha: float | None = None,
+         weights: Sequence[float] | None = None, last: int | None = None,
+         every: int | None = None, tags: Sequence[str | int] | None = None
+         ) -> tuple[list[Tag], list[float]]:
+    """Select the checkpoints and compute their effective weights (nothing is read yet)."""
+    found = find_tags(list(ckpts))
+    unknown = [t for t in found if t.step < 0]
+    if unknown:
+        found = sorted(
+            [t if t.step >= 0 else Tag(t.path, DSCheckpoint(t.path).step, t.run_dir, t.meta)
+             for t in found], key=lambda t: t.step)
+    by_step = {t.step: t for t in found}
+    chosen = [by_step[s] for s in select(list(by_step), last, every, _tag_filter(tags))]
+    return chosen, strategy_weights(strategy, len(chosen), alpha, weights)
+
+
+def _check_compatible(readers: list[DSCheckpoint]) -> None:
+    ref = readers[-1]
+    want = ref.signature()
+    for r in readers[:-1]:
+        have = r.signature()
+        for name, shape in want.items():
+            if name not in have:
+                raise CheckpointError(f"{r.dir}: tensor {name} missing (present in {ref.dir}): "
+                                      "checkpoints of different models")
+            if have[name] != shape:
+                raise CheckpointError(f"{r.dir}: tensor {name} has shape {list(have[name])}, "
+                                      f"{ref.dir} has {list(shape)}: checkpoints of different models")
+        extra = [n for n in have if n not in want]
+        if extra:
+            raise CheckpointError(f"{r.dir}: tensor {extra[0]} not in {ref.dir}: checkpoints of "
+                                  "different models")
+
+
+def _read_out(r: DSCheckpoint, o: OutTensor, source: str) -> torch.Tensor:
+    parts = [r.read(s, source) for s in o.sources]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=o.cat_dim)
+
+
+def describe(tags: list[Tag], weights: list[float]) -> str:
+    lines = [f"{'checkpoint':<22} {'step':>8} {'tokens':>14} {'weight':>10}"]
+    for t, w in zip(tags, weights):
+        tok = f"{t.tokens:,}" if t.tokens is not None else "-"
+        lines.append(f"{t.name:<22} {t.step:>8} {tok:>14} {w:>10.6f}")
+    return "\n".join(lines)
+
+
+def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma",
+          alpha: float | None = None, weights: Sequence[float] | None = None,
+          last: int | None = None, every: int | None = None,
+          tags: Sequence[str | int] | None = None, fmt: str = "hf",
+          hf_config: str | Path | None = None, max_shard_size: str | int = "2GB",
+          overwrite: bool = False, source: str = "master", allow_nonfinite: bool = False,
+          verify: bool = True, progress: bool = True,
+          echo: Callable[[str], None] | None = None) -> dict:
+    """Merge DeepSpeed checkpoints into ``out``; returns the manifest (also written there)."""
+    echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
+    if fmt not in FORMATS:
+        raise MergeError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if source not in ("master", "module"):
+        raise MergeError(f"--source: unknown source {source!r} (master or module)")
+    out = Path(out)
+    check_target(out, overwrite)
+    shard_bytes = parse_size(max_shard_size)
+    chosen, w = plan(ckpts, strategy, alpha, weights, last, every, tags)
+    readers = [DSCheckpoint(t.path, verify=verify) for t in chosen]
+    _check_compatible(readers)
+    newest = readers[-1]
+    if source == "master":
+        for t, r in zip(chosen, readers):
+            if not r.has_master:
+                echo(f"warning: {t.path} has no optimizer partitions; reading its module weights"
+                     + (" (bf16, rounded)" if r.bf16 else ""))
+    shapes = newest.signature()
+    hf_dir = hf_dir_for(chosen, hf_config)
+    if fmt == "hf":
+        if hf_dir is None:
+            raise MergeError(f"{chosen[-1].path}: no hf/config.json in the run directory; pass "
+                             "--hf-config DIR (a directory with the model's HF config.json)")
+        outs = hf_map(shapes, newest.autoep_layers, newest.preset)
+        expected, tied = hf_expected(hf_dir)
+        outs = check_against_hf(outs, expected, tied, hf_dir)
+    else:
+        outs = identity_map(shapes)
+
+    echo(f"merging {len(chosen)} checkpoint(s) with {strategy if weights is None else 'explicit'}"
+         f"{f' alpha={alpha}' if strategy == 'ema' and weights is None else ''}"
+         f" -> {out} ({fmt})\n" + describe(chosen, w))
+    t0 = time.time()
+    total_bytes = sum(torch.Size(o.shape).numel() * 4 for o in outs)
+    shards = plan_shards([(o.name, o.shape, torch.float32) for o in outs], shard_bytes)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_bytes * len(readers), unit="B", unit_scale=True, desc="merge",
+                   file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    try:
+        with atomic_dir(out, overwrite) as tmp:
+            writer = ShardWriter(tmp, shards, metadata={"format": "pt"})
+            for o in outs:
+                acc = torch.zeros(o.shape, dtype=torch.float64)
+                for tag, r, wi in zip(chosen, readers, w):
+                    t = _read_out(r, o, source)
+                    if not allow_nonfinite and not torch.isfinite(t).all():
+                        raise CheckpointError(f"{tag.path}: tensor {o.name} holds NaN or Inf values "
+                                              "(pass --allow-nonfinite to merge anyway)")
+                    acc.add_(t, alpha=wi)
+                    if bar is not None:
+                        bar.update(t.numel() * 4)
+                writer.add(o.name, acc.to(torch.float32))
+            sha = writer.finish()
+            if fmt == "hf":
+                for f in sorted(hf_dir.iterdir()):
+                    if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != MANIFEST \
+                            and not f.name.endswith(".index.json"):
+                        shutil.copy2(f, tmp / f.name)
+            manifest = {
+                "tool": f"moe-merge {__version__}",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "format": fmt,
+                "strategy": strategy if weights is None else "weights",
+                "alpha": alpha if strategy == "ema" and weights is None else None,
+                "source": source,
+                "inputs": [{"path": str(t.path), "tag": t.name, "step": t.step, "tokens": t.tokens,
+                            "weight": wi, "zero_stage": r.zero_stage, "dp_size": r.dp_size,
+                            "ep_size": r.ep_size, "bf16": r.bf16}
+                           for t, r, wi in zip(chosen, readers, w)],
+                "weights": w,
+                "hf_config": str(hf_dir) if hf_dir else None,
+                "params": newest.param_counts(),
+                "files": {name: {"sha256": digest} for name, digest in sorted(sha.items())},
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    finally:
+        if bar is not None:
+            bar.close()
+    echo(f"wrote {out} in {time.time() - t0:.1f} s ({len(sha)} shard(s), "
+         f"{total_bytes / 1e6:.1f} MB)")
+    return manifest

@@ -1,0 +1,176 @@
+"""Outputs that appear atomically: a temporary directory beside the target, renamed into place
+only when complete; sharded safetensors written as the shards fill."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from moe_merge.merge.strategies import MergeError
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2e9 bytes, '512MiB' -> 512 * 2**20 (the convention of transformers)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _UNITS:
+        raise MergeError(f"--max-shard-size: cannot read {text!r} (use e.g. 2GB or 500MiB)")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise MergeError(f"--max-shard-size must be positive, got {text!r}")
+    return size
+
+
+def _tmp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> None:
+    """Remove temporary directories of earlier merges into ``target`` that were killed."""
+    for p in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise MergeError(f"{target}: output exists (pass --overwrite to replace it)")
+    if target.exists() and not target.is_dir():
+        raise MergeError(f"{target}: exists and is not a directory")
+
+
+class _Terminated(BaseException):
+    pass
+
+
+@contextmanager
+def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``target``, on any failure
+    (exception, Ctrl-C, SIGTERM) it is removed and ``target`` is untouched."""
+    target = Path(target).absolute()
+    check_target(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target)
+    tmp = _tmp_name(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+
+    def on_term(signum, frame):  # turn SIGTERM into an exception so the cleanup below runs
+        raise _Terminated()
+
+    old_handler = None
+    try:
+        old_handler = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except _Terminated:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(143) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                max_shard_bytes: int) -> list[list[str]]:
+    """Group tensors, in order, into shards of at most ``max_shard_bytes`` (a tensor larger than
+    that gets a shard of its own), as transformers' ``save_pretrained`` does."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape, dtype in specs:
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+class ShardWriter:
+    """Takes tensors in the planned order and writes each safetensors shard once it is full.
+
+    Peak memory is one shard. Files are named like transformers' (``model.safetensors`` for a
+    single shard, else ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``).
+    """
+
+    def __init__(self, out_dir: Path, shards: list[list[str]], metadata: dict[str, str]):
+        self.out_dir = Path(out_dir)
+        self.metadata = metadata
+        n = len(shards)
+        self.files = (["model.safetensors"] if n == 1 else
+                      [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.shard_of = {name: i for i, names in enumerate(shards) for name in names}
+        self.remaining = [len(names) for names in shards]
+        self.pending: list[dict[str, torch.Tensor]] = [{} for _ in shards]
+        self.sha256: dict[str, str] = {}
+        self.total_size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        i = self.shard_of[name]
+        self.pending[i][name] = tensor.contiguous()
+        self.total_size += tensor.numel() * tensor.element_size()
+        self.remaining[i] -= 1
+        if self.remaining[i] == 0:
+            path = self.out_dir / self.files[i]
+            save_file(self.pending[i], str(path), metadata=self.metadata)
+            self.pending[i] = {}
+            self.sha256[self.files[i]] = sha256_file(path)
+
+    def finish(self) -> dict[str, str]:
+        left = [n for n, i in self.shard_of.items() if self.remaining[i] > 0]
+        if left:
+            raise RuntimeError(f"internal error: tensor {left[0]} was never written")
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size},
+                     "weight_map": {n: self.files[i] for n, i in self.shard_of.items()}}
+            (self.out_dir / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2) + "\n")
+        return self.sha256
