@@ -18,17 +18,49 @@ TINY_MOE = [
     "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
     "model.head_dim=32", "model.moe_intermediate_size=64", "model.num_experts=4",
     "data.seq_len=64", "parallel.micro_batch=2", "parallel.global_batch=4",
-    "schedule.warmup_tokens=512", "checkpoint.every_tokens=1024", "train.max_tokens=2048",
+    "schedule.warmup_tokens=512", "checkpoint.every_tokens=512", "train.max_tokens=2048",
     "logging.log_every=1", "logging.val_every=4", "logging.val_batches=2",
     "logging.progress=false",
 ]
 TINY_DENSE = [o for o in TINY_MOE if "expert" not in o] + ["model.intermediate_size=128"]
+MOE_RECIPE = str(REPO / "recipes" / "moe_tiny.yaml")
+DENSE_RECIPE = str(REPO / "recipes" / "dense_tiny.yaml")
+DECAY = ["schedule.decay_tokens=512", "schedule.min_lr_ratio=0.1"]  # last 2 of 8 steps decay
+
+# Runs shared by the training and the merge tests: trained once per session, on first use.
+# 8 steps of 256 tokens, a checkpoint every 2 steps (global_step2 ... global_step8).
+RUNS = {
+    **{f"moe_z{z}": (MOE_RECIPE, [*TINY_MOE, *DECAY, f"parallel.zero_stage={z}"]) for z in (1, 2, 3)},
+    **{f"dense_z{z}": (DENSE_RECIPE, [*TINY_DENSE, *DECAY, f"parallel.zero_stage={z}"])
+       for z in (1, 2, 3)},
+    "mixtral_z2": (MOE_RECIPE, [*TINY_MOE, "model.arch=mixtral"]),
+    "moe_ep1_z2": (MOE_RECIPE, [*TINY_MOE, "parallel.ep_size=1"]),
+    "moe_bf16_z2": (MOE_RECIPE, [*TINY_MOE, "parallel.precision=bf16"]),
+    "llama_z0": (DENSE_RECIPE, [*TINY_DENSE, "model.arch=llama", "parallel.zero_stage=0"]),
+}
 
 
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """One tokenizer + memmap cache for the whole session (the stdlib corpus, built once)."""
     return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, data_cache):
+    """``trained(kind)`` -> run directory of RUNS[kind], trained once per test session."""
+    root = tmp_path_factory.mktemp("runs")
+    done: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in done:
+            recipe, overrides = RUNS[kind]
+            launch(recipe, [*overrides, f"name={kind}", f"output_dir={root}",
+                            f"data.cache_dir={data_cache}"])
+            done[kind] = root / kind
+        return done[kind]
+
+    return get
 
 
 def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600,

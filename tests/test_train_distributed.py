@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_DENSE, TINY_MOE, launch, read_metrics, train_losses
+from conftest import (DECAY, DENSE_RECIPE, MOE_RECIPE, REPO, TINY_MOE, launch, read_metrics,
+                      train_losses)
 from moe_merge.monitor import MOE_SCALARS, TRAIN_SCALARS, VAL_SCALARS
 
 pytestmark = pytest.mark.distributed
-DECAY = ["schedule.decay_tokens=512", "schedule.min_lr_ratio=0.1"]  # last 2 of 8 steps decay
-MOE_RECIPE = str(REPO / "recipes" / "moe_tiny.yaml")
-DENSE_RECIPE = str(REPO / "recipes" / "dense_tiny.yaml")
 
 
 def tb_tags(tb_dir: Path) -> tuple[set[str], set[str]]:
@@ -32,7 +30,7 @@ def tb_tags(tb_dir: Path) -> tuple[set[str], set[str]]:
 def check_run(run_dir: Path, moe: bool, zero_stage: int) -> None:
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "global_step8"
-    for step in (4, 8):
+    for step in (2, 4, 6, 8):
         tag = ckpts / f"global_step{step}"
         meta = json.loads((tag / "meta.json").read_text())
         assert meta["step"] == step and meta["tokens"] == step * 256
@@ -66,21 +64,17 @@ def check_run(run_dir: Path, moe: bool, zero_stage: int) -> None:
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_moe_expert_parallel_trains_and_saves(zero_stage, tmp_path, data_cache):
-    launch(MOE_RECIPE, [*TINY_MOE, *DECAY, f"parallel.zero_stage={zero_stage}",
-                        f"output_dir={tmp_path}", f"data.cache_dir={data_cache}"])
-    check_run(tmp_path / "moe_tiny", moe=True, zero_stage=zero_stage)
+def test_moe_expert_parallel_trains_and_saves(zero_stage, trained):
+    check_run(trained(f"moe_z{zero_stage}"), moe=True, zero_stage=zero_stage)
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_dense_trains_and_saves(zero_stage, tmp_path, data_cache):
-    launch(DENSE_RECIPE, [*TINY_DENSE, *DECAY, f"parallel.zero_stage={zero_stage}",
-                          f"output_dir={tmp_path}", f"data.cache_dir={data_cache}"])
-    check_run(tmp_path / "dense_tiny", moe=False, zero_stage=zero_stage)
+def test_dense_trains_and_saves(zero_stage, trained):
+    check_run(trained(f"dense_z{zero_stage}"), moe=False, zero_stage=zero_stage)
 
 
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path, data_cache):
-    """Interrupt at step 5 (not a checkpoint boundary of the every-4 interval), resume, compare
+    """Interrupt at step 5 (not a checkpoint boundary of the every-2 interval), resume, compare
     every step's loss and the final validation loss with an uninterrupted run."""
     common = [*TINY_MOE, *DECAY, f"data.cache_dir={data_cache}"]
     launch(MOE_RECIPE, [*common, f"output_dir={tmp_path / 'whole'}"])
@@ -134,20 +128,17 @@ def test_fork_starts_an_annealing_branch_from_a_checkpoint(tmp_path, data_cache)
     assert meta["phase"] == "decay" and meta["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("recipe, overrides, model_type", [
-    (MOE_RECIPE, ["model.arch=mixtral"], "mixtral"),                   # AutoEP Mixtral preset
-    (MOE_RECIPE, ["parallel.ep_size=1"], "qwen3_moe"),                 # all experts on every rank
-    (MOE_RECIPE, ["parallel.precision=bf16"], "qwen3_moe"),            # bf16, fp32 master weights
-    (DENSE_RECIPE, ["model.arch=llama", "parallel.zero_stage=0"], "llama"),  # plain data parallel
-], ids=["mixtral-ep2-zero2", "qwen3moe-ep1-zero2", "qwen3moe-ep2-bf16", "llama-zero0"])
-def test_other_architectures_and_settings_train(recipe, overrides, model_type, tmp_path,
-                                                data_cache):
-    tiny = TINY_MOE if recipe == MOE_RECIPE else TINY_DENSE
-    launch(recipe, [*tiny, *overrides, f"output_dir={tmp_path}", f"data.cache_dir={data_cache}"])
-    run_dir = next(tmp_path.iterdir())
+@pytest.mark.parametrize("kind, model_type", [
+    ("mixtral_z2", "mixtral"),     # AutoEP Mixtral preset
+    ("moe_ep1_z2", "qwen3_moe"),   # all experts on every rank
+    ("moe_bf16_z2", "qwen3_moe"),  # bf16, fp32 master weights
+    ("llama_z0", "llama"),         # plain data parallel
+])
+def test_other_architectures_and_settings_train(kind, model_type, trained):
+    run_dir = trained(kind)
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1] - 0.3, losses
     ds = json.loads((run_dir / "ds_config.json").read_text())
     assert json.loads((run_dir / "hf" / "config.json").read_text())["model_type"] == model_type
-    assert ds["bf16"]["enabled"] == ("parallel.precision=bf16" in overrides)
+    assert ds["bf16"]["enabled"] == (kind == "moe_bf16_z2")
     assert (run_dir / "checkpoints" / "global_step8" / "meta.json").exists()
