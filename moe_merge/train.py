@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--world-size", type=int, default=None,
                     help="ranks to resolve the DeepSpeed config for in --dry-run "
                          "(default: parallel.world_size, else 1)")
-    ap.add_argument("--get", metavar="KEY", help="print one resolved recipe value and exit")
+    ap.add_argument("--get", metavar="KEY", help="print one resolved recipe value (or run_dir) and exit")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
                     help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return ap.parse_args(argv)
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_recipe(args.recipe, args.overrides)
+        if args.get == "run_dir":  # derived: output_dir / name
+            print(cfg.run_dir)
+            return 0
         if args.get:
             from moe_merge.config import to_dict
             value = to_dict(cfg)

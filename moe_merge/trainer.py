@@ -333,9 +333,13 @@ def run(cfg: RecipeConfig) -> dict:
     summary = trainer.fit()
     trainer.close()
     if trainer.rank == 0:
-        print(f"[moe_merge] done: {summary['steps']} steps, {summary['tokens']:,} tokens, "
-              f"final train loss {summary['final_train_loss']:.4f}, val loss "
-              f"{summary['final_val_loss']:.4f}", flush=True)
+        if summary["final_val_loss"] is None:  # resumed a run that had already finished
+            print(f"[moe_merge] nothing to do: the run is complete at step {summary['steps']} "
+                  f"({summary['tokens']:,} tokens)", flush=True)
+        else:
+            print(f"[moe_merge] done: {summary['steps']} steps, {summary['tokens']:,} tokens, "
+                  f"final train loss {summary['final_train_loss']:.4f}, val loss "
+                  f"{summary['final_val_loss']:.4f}", flush=True)
         print(f"[moe_merge] run directory: {summary['run_dir']}", flush=True)
         print(f"[moe_merge] checkpoints:   {trainer.ckpt_dir.resolve()} "
               f"({len(summary['checkpoints'])} tags)", flush=True)
