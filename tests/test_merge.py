@@ -347,7 +347,9 @@ def test_an_interrupted_merge_leaves_no_output(sig, trained, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([PY, "-c", SLOW_MERGE, "merge", str(run), "--out", str(out),
                              "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL,
+                            # a background job may inherit SIGINT ignored; a user's Ctrl-C is not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.tmp-*")) and time.time() < deadline:
         time.sleep(0.1)
