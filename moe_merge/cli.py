@@ -32,7 +32,8 @@ def _merge(args) -> int:
           last=args.last, every=args.every, tags=tags, fmt=args.format,
           hf_config=args.hf_config, max_shard_size=args.max_shard_size,
           overwrite=args.overwrite, source=args.source, allow_nonfinite=args.allow_nonfinite,
-          verify=not args.no_verify, progress=not args.quiet)
+          verify=not args.no_verify, progress=not args.quiet,
+          optimizer_state=args.optimizer_state)
     return 0
 
 
@@ -88,9 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "K save intervals)")
     mg.add_argument("--tags", default=None, help="comma-separated tags, e.g. global_step20,"
                                                  "global_step40")
-    mg.add_argument("--format", default="hf", choices=["hf", "safetensors"],
+    mg.add_argument("--format", default="hf", choices=["hf", "safetensors", "deepspeed"],
                     help="hf: transformers directory (default); safetensors: the full logical "
-                         "state dict under the checkpoint's own parameter names")
+                         "state dict under the checkpoint's own parameter names; deepspeed: a "
+                         "checkpoint in the newest input's layout that engine.load_checkpoint "
+                         "resumes from (PMA-init)")
+    mg.add_argument("--optimizer-state", default="latest", choices=["reset", "latest", "merged"],
+                    help="Adam moments of a deepspeed output: zeroed, the newest checkpoint's "
+                         "(default), or averaged with the same weights")
     mg.add_argument("--hf-config", default=None,
                     help="directory with the HF config.json (and tokenizer) when the run has no hf/")
     mg.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (2GB)")

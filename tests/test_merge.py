@@ -98,6 +98,13 @@ def test_autoep_gather_equals_ds_to_universal_bit_for_bit(kind, trained, tmp_pat
             mine, ref = mine.flatten(), {"param": ref}
         assert torch.equal(mine, ref["param"]), name
         n_expert += ".experts." in name
+    # Adam's moments are gathered the same way (the merge can average them for PMA-init).
+    c = DSCheckpoint(src)
+    for name in ours:
+        for state in ("exp_avg", "exp_avg_sq"):
+            ref = torch.load(zero / name / f"{state}.pt", weights_only=True)
+            ref = ref["param"] if isinstance(ref, dict) else ref
+            assert torch.equal(c.read(name, state=state).reshape(ref.shape), ref), (name, state)
     assert n_expert == 6  # w1, w2, w3 of both layers, all experts
 
 
@@ -383,3 +390,35 @@ def test_merged_model_beats_the_latest_checkpoint_at_constant_lr(tmp_path, data_
     latest = evaluate(run)["loss"]
     merged = evaluate(tmp_path / "pma")["loss"]
     assert merged < latest - 0.01, (merged, latest)
+
+
+@pytest.mark.parametrize("kind", ["moe_z2", "moe_z3", "dense_z1"])
+def test_deepspeed_output_is_loaded_by_the_engine(kind, trained, tmp_path, data_cache):
+    """PMA-init: a run forked from the --format deepspeed output starts from the merged weights.
+    Its first step's training loss (DeepSpeed engine, after engine.load_checkpoint) equals the
+    loss of the merged HF model (transformers) on the same batch."""
+    from conftest import RUNS, launch, train_losses
+    from moe_merge.config import load_recipe
+    from moe_merge.data import Batches, prepare
+    from moe_merge.evals.loss import load_hf, loss_on
+
+    run = trained(kind)
+    ds_out, hf_out = tmp_path / "pma_ds", tmp_path / "pma_hf"
+    proc = cli("merge", run, "--last", "3", "--out", ds_out, "--format", "deepspeed",
+               "--optimizer-state", "merged", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert (ds_out / "latest").read_text() == "global_step8"
+    merge([run], hf_out, last=3, progress=False)
+    recipe, overrides = RUNS[kind]
+    overrides = [o for o in overrides if not o.startswith(("train.max_tokens", "schedule.decay"))]
+    launch(recipe, [*overrides, "name=forked", f"output_dir={tmp_path}", "train.max_tokens=2304",
+                    f"train.fork_from={ds_out / 'global_step8'}", f"data.cache_dir={data_cache}"])
+    engine_loss = train_losses(tmp_path / "forked")[9]
+    cfg = load_recipe(run / "recipe.yaml")
+    data = prepare(cfg.data)
+    batch = Batches(data.train, cfg.data.seq_len, cfg.seed).samples(8 * cfg.parallel.global_batch,
+                                                                   cfg.parallel.global_batch)
+    hf_loss, _ = loss_on(load_hf(hf_out), batch, cfg.parallel.global_batch)
+    assert engine_loss == pytest.approx(hf_loss, rel=1e-5)
+    manifest = json.loads((ds_out / "merge_manifest.json").read_text())
+    assert manifest["optimizer_state"] == "merged" and manifest["format"] == "deepspeed"

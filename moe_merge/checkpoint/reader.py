@@ -52,6 +52,20 @@ class Piece:
     numel: int
 
 
+def _for_state(piece: Piece, state: str) -> Piece:
+    """The same slice of an Adam moment: ZeRO keeps moments in the layout of the fp32 groups."""
+    if state == "fp32":
+        return piece
+    if state not in ("exp_avg", "exp_avg_sq"):
+        raise ValueError(f"unknown optimizer state {state!r}")
+    g = piece.key[-1]
+    if piece.key[1] == "single_partition_of_fp32_groups":  # ZeRO-1/2 and bf16
+        key = ("optimizer_state_dict", "base_optimizer_state", "state", g, state)
+    else:  # ZeRO-3
+        key = ("optimizer_state_dict", "optimizer_state_dict", "state", g, state)
+    return Piece(piece.file, key, piece.start, piece.numel)
+
+
 @dataclass
 class ExpertInfo:
     num_experts: int
@@ -161,14 +175,19 @@ class DSCheckpoint:
         return {n: p.shape for n, p in self.params.items()}
 
     # ---- reading -------------------------------------------------------------------------
-    def read(self, name: str, source: str = "master") -> torch.Tensor:
-        """The full logical fp32 tensor of parameter ``name``."""
+    def read(self, name: str, source: str = "master", state: str = "fp32") -> torch.Tensor:
+        """The full logical fp32 tensor of parameter ``name``: its master weights (``state``
+        "fp32"), or Adam's ``exp_avg`` / ``exp_avg_sq`` for it (same partition layout)."""
         spec = self.params[name]
+        if state != "fp32":
+            if not self.has_master:
+                raise CheckpointError(f"{self.dir}: no optimizer partitions, no {state} to read")
+            source = "master"
         if source == "module" or not self.has_master:
             return self._read_module(spec)
         out = torch.empty(spec.shape, dtype=torch.float32)
         for ep_rank, pieces in sorted(spec.pieces.items()):
-            parts = [self._slice(p) for _, p in sorted(pieces, key=lambda t: t[0])]
+            parts = [self._slice(_for_state(p, state)) for _, p in sorted(pieces, key=lambda t: t[0])]
             flat = parts[0] if len(parts) == 1 else torch.cat(parts)
             want = math.prod(spec.local_shape)
             if flat.numel() != want:

@@ -28,7 +28,7 @@ from moe_merge.merge.writer import ShardWriter, atomic_dir, check_target, parse_
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hf", "safetensors")
+FORMATS = ("hf", "safetensors", "deepspeed")
 MANIFEST = "merge_manifest.json"
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -99,7 +99,7 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
           tags: Sequence[str | int] | None = None, fmt: str = "hf",
           hf_config: str | Path | None = None, max_shard_size: str | int = "2GB",
           overwrite: bool = False, source: str = "master", allow_nonfinite: bool = False,
-          verify: bool = True, progress: bool = True,
+          verify: bool = True, progress: bool = True, optimizer_state: str = "latest",
           echo: Callable[[str], None] | None = None) -> dict:
     """Merge DeepSpeed checkpoints into ``out``; returns the manifest (also written there)."""
     echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -130,6 +130,8 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
         outs = check_against_hf(outs, expected, tied, hf_dir)
     else:
         outs = identity_map(shapes)
+    if fmt == "deepspeed" and source != "master":
+        raise MergeError("--format deepspeed writes fp32 master weights: use --source master")
 
     echo(f"merging {len(chosen)} checkpoint(s) with {strategy if weights is None else 'explicit'}"
          f"{f' alpha={alpha}' if strategy == 'ema' and weights is None else ''}"
@@ -144,7 +146,12 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
     try:
         with atomic_dir(out, overwrite) as tmp:
-            writer = ShardWriter(tmp, shards, metadata={"format": "pt"})
+            if fmt == "deepspeed":
+                from moe_merge.merge.ds_writer import DeepSpeedWriter
+
+                writer = DeepSpeedWriter(newest, tmp, optimizer_state)
+            else:
+                writer = ShardWriter(tmp, shards, metadata={"format": "pt"})
             for o in outs:
                 acc = torch.zeros(o.shape, dtype=torch.float64)
                 for tag, r, wi in zip(chosen, readers, w):
@@ -155,8 +162,25 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
                     acc.add_(t, alpha=wi)
                     if bar is not None:
                         bar.update(t.numel() * 4)
-                writer.add(o.name, acc.to(torch.float32))
-            sha = writer.finish()
+                if fmt != "deepspeed":
+                    writer.add(o.name, acc.to(torch.float32))
+                    continue
+                moments = None
+                if optimizer_state == "merged":
+                    moments = {}
+                    for state in ("exp_avg", "exp_avg_sq"):
+                        m = torch.zeros(o.shape, dtype=torch.float64)
+                        for r, wi in zip(readers, w):
+                            m.add_(r.read(o.name, state=state), alpha=wi)
+                        moments[state] = m.to(torch.float32)
+                writer.write(o.name, acc.to(torch.float32), moments)
+            if fmt == "deepspeed":
+                writer.finish()
+                from moe_merge.merge.writer import sha256_file
+                sha = {f"{writer.tag_dir.name}/{f.name}": sha256_file(f)
+                       for f in sorted(writer.tag_dir.iterdir()) if f.is_file()}
+            else:
+                sha = writer.finish()
             if fmt == "hf":
                 for f in sorted(hf_dir.iterdir()):
                     if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != MANIFEST \
@@ -169,6 +193,7 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
                 "strategy": strategy if weights is None else "weights",
                 "alpha": alpha if strategy == "ema" and weights is None else None,
                 "source": source,
+                "optimizer_state": optimizer_state if fmt == "deepspeed" else None,
                 "inputs": [{"path": str(t.path), "tag": t.name, "step": t.step, "tokens": t.tokens,
                             "weight": wi, "zero_stage": r.zero_stage, "dp_size": r.dp_size,
                             "ep_size": r.ep_size, "bf16": r.bf16}
