@@ -269,7 +269,7 @@ class DSCheckpoint:
             osd = self._load(self.optim_files[min(self.optim_files)]).get("optimizer_state_dict", {})
             if "zero_stage" in osd:
                 return int(osd["zero_stage"])
-        if self.zero3_model_files and MODEL_FILE not in self._files:
+        if self.model_file != MODEL_FILE:  # only ZeRO-3 writes per-rank model-state files
             return 3
         return int((self.ds_config.get("zero_optimization") or {}).get("stage", 0))
 
