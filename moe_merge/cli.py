@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recipe", default=None,
                     help="recipe giving the validation batches (default: the run's recipe.yaml)")
     ev.add_argument("--data", default=None,
-                    help="evaluate on the held-out split of this source instead (text, JSONL, a "
-                         "directory, or .bin), tokenized with the model's tokenizer")
+                    help="evaluate on this data instead (text, JSONL, a directory of them, "
+                         "tokenized with the model's tokenizer, or a pre-tokenized .bin): the "
+                         "first windows of all of it, as many as the recipe's validation batches")
     ev.add_argument("--hf-config", default=None, help="HF config directory for a checkpoint "
                                                       "without hf/")
     ev.add_argument("--json", action="store_true")

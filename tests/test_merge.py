@@ -422,3 +422,19 @@ def test_deepspeed_output_is_loaded_by_the_engine(kind, trained, tmp_path, data_
     assert engine_loss == pytest.approx(hf_loss, rel=1e-5)
     manifest = json.loads((ds_out / "merge_manifest.json").read_text())
     assert manifest["optimizer_state"] == "merged" and manifest["format"] == "deepspeed"
+
+
+def test_eval_on_user_data(trained, tmp_path):
+    """--data: a user's text file, tokenized with the model's own tokenizer."""
+    import textwrap as sample
+
+    run = trained("moe_z2")
+    merge([run], tmp_path / "m", last=2, progress=False)
+    text = tmp_path / "eval.txt"
+    shutil.copy(sample.__file__, text)
+    proc = cli("eval", tmp_path / "m", "--data", text, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["data"] == str(text) and result["tokens"] == 4 * 64
+    assert 0 < result["loss"] < 20
+    _one_line_error(cli("eval", tmp_path / "m", "--data", tmp_path / "nope.txt"), "nope.txt")

@@ -42,17 +42,37 @@ def recipe_for(model: Path) -> Path | None:
 
 def eval_windows(cfg: RecipeConfig, data_source: str | None = None,
                  tokenizer_dir: Path | None = None):
-    """The fixed validation windows [n, seq_len + 1] of the recipe (or of ``data_source``)."""
-    from moe_merge.data import prepare, validation_windows
+    """The fixed validation windows [n, seq_len + 1] of the recipe, or the first windows of all
+    of ``data_source`` (text / JSONL / directory, tokenized with the model's tokenizer, or a
+    pre-tokenized .bin)."""
+    import numpy as np
 
-    data_cfg = cfg.data
-    if data_source is not None:
-        data_cfg = dataclasses.replace(data_cfg, source=str(data_source),
-                                       tokenizer=str(tokenizer_dir) if tokenizer_dir else "")
-    data = prepare(data_cfg)
+    from moe_merge.data import (_write_tokens, iter_texts, list_documents, prepare,
+                                validation_windows)
+
     world = cfg.parallel.world_size
-    n_batches = -(-cfg.logging.val_batches // world) * world
-    return validation_windows(data.val, data_cfg.seq_len, n_batches * cfg.parallel.micro_batch)
+    n_windows = -(-cfg.logging.val_batches // world) * world * cfg.parallel.micro_batch
+    if data_source is None:
+        return validation_windows(prepare(cfg.data).val, cfg.data.seq_len, n_windows)
+    data_cfg = dataclasses.replace(cfg.data, source=str(data_source))
+    if str(data_source).endswith(".bin"):
+        if not Path(data_source).is_file():
+            raise MergeError(f"--data: {data_source} does not exist")
+        tokens = np.memmap(data_source, dtype=data_cfg.bin_dtype, mode="r")
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        with tempfile.TemporaryDirectory(prefix="moe_merge_data_") as tmp:
+            path = Path(tmp) / "eval.bin"
+            _write_tokens(iter_texts(list_documents(data_cfg), data_cfg.jsonl_key), tokenizer,
+                          path, np.uint32)
+            tokens = np.fromfile(path, dtype=np.uint32)
+    n = min(n_windows, (len(tokens) - 1) // data_cfg.seq_len)
+    if n < 1:
+        raise MergeError(f"--data: {data_source} holds {len(tokens)} tokens, fewer than one "
+                         f"window of data.seq_len={data_cfg.seq_len}")
+    return validation_windows(tokens, data_cfg.seq_len, n)
 
 
 @torch.no_grad()
