@@ -19,6 +19,7 @@ def main() -> None:
 
     from moe_merge.config import load_recipe
     from moe_merge.data import Batches, prepare
+    from moe_merge.distributed import init_distributed
     from moe_merge.ds_config import build_ds_config
     from moe_merge.model import build_model
     from moe_merge.trainer import param_groups
@@ -27,7 +28,7 @@ def main() -> None:
     cfg = load_recipe(args[0], args[1:])
     local_ws = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ws))
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(on_cpu=True)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     data = prepare(cfg.data)
     batches = Batches(data.train, cfg.data.seq_len, cfg.seed)

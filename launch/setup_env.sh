@@ -7,7 +7,15 @@ VENV=${MOE_MERGE_VENV:-$ROOT/.venv}
 PYTHON=${PYTHON:-python3}
 want=$(cat "$ROOT/pyproject.toml" "$ROOT/launch/constraints.txt" | sha256sum | cut -d' ' -f1)
 stamp="$VENV/.moe_merge_installed"
+prebuild_ops() {
+  # Compile DeepSpeed's CPU ops once here rather than in every rank of the first launch.
+  if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.cuda.is_available())' 2>/dev/null; then
+    return 0
+  fi
+  DS_ACCELERATOR=cpu "$VENV/bin/python" -m moe_merge.ops 2>&1 | grep -v "^\[.*WARNING" >&2 || true
+}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+  prebuild_ops
   exit 0
 fi
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
@@ -19,4 +27,6 @@ echo "[setup] installing pinned dependencies into $VENV (torch CPU build, deepsp
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
   -c "$ROOT/launch/constraints.txt" -e "$ROOT[dev]"
 echo "$want" > "$stamp"
+echo "[setup] compiling DeepSpeed CPU ops (first time only)"
+prebuild_ops
 echo "[setup] done"

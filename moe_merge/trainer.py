@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from moe_merge import checkpointing as ckpt
 from moe_merge.config import ConfigError, RecipeConfig, check_world_size, to_dict, to_yaml
 from moe_merge.data import Batches, TokenData, prepare, validation_windows
+from moe_merge.distributed import dist_env, init_distributed
 from moe_merge.ds_config import build_ds_config
 from moe_merge.model import build_model, hf_config
 from moe_merge.monitor import MetricsLogger, expert_load_stats
@@ -30,14 +31,6 @@ logger = logging.getLogger(__name__)
 # Recipe keys a resumed run must share with the run directory's recipe.yaml.
 RESUME_INVARIANTS = ("seed", "model", "data.source", "data.seq_len", "data.vocab_size",
                      "data.tokenizer", "data.val_fraction", "parallel.global_batch")
-
-
-def _dist_env() -> None:
-    """Let a plain ``python -m moe_merge.train`` run as a one-rank job."""
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
 
 
 def _lookup(d: dict, dotted: str):
@@ -73,13 +66,13 @@ class Trainer:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
-        _dist_env()
+        dist_env()
         self.cfg = cfg
         self.on_cpu = get_accelerator().device_name() == "cpu"
         if self.on_cpu:
             local_ws = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ws))
-        deepspeed.init_distributed(dist_backend="gloo" if self.on_cpu else None)
+        init_distributed(self.on_cpu)
         self.dist = torch.distributed
         self.rank = self.dist.get_rank()
         self.world = self.dist.get_world_size()

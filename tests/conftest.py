@@ -71,13 +71,24 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600,
 
 
 def launch(recipe: str, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Train through launch/train.sh, i.e. the deepspeed launcher with 2 CPU ranks (gloo)."""
+    """Train through launch/train.sh, i.e. the deepspeed launcher with 2 CPU ranks (gloo).
+
+    Also checks that the launch left no DeepSpeed shared-memory segment behind in /dev/shm.
+    """
+    before = _shm_segments()
     proc = run_cli(["bash", str(REPO / "launch" / "train.sh"), recipe, *overrides],
                    timeout=timeout)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise AssertionError(f"launch failed ({proc.returncode}):\n{tail}")
+    left = _shm_segments() - before
+    assert not left, f"launch left shared memory behind: {sorted(left)}"
     return proc
+
+
+def _shm_segments() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed_allreduce_buffer_*")} if shm.is_dir() else set()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
