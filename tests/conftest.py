@@ -63,6 +63,41 @@ def trained(tmp_path_factory, data_cache):
     return get
 
 
+@pytest.fixture(scope="session")
+def native_moe(tmp_path_factory):
+    """``native_moe(zero)`` -> output dir of tests/native_moe_train.py (a program built on
+    ``deepspeed.moe.layer.MoE``, not on moe-merge) at that ZeRO stage, trained once."""
+    root = tmp_path_factory.mktemp("native")
+    done: dict[int, Path] = {}
+
+    def get(zero: int) -> Path:
+        if zero not in done:
+            done[zero] = launch_native(root / f"z{zero}", zero)
+        return done[zero]
+
+    return get
+
+
+def launch_native(out: Path, zero: int, *extra: str) -> Path:
+    before = _shm_segments()
+    proc = run_cli([str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                    str(_free_port()), str(REPO / "tests" / "native_moe_train.py"),
+                    "--out", str(out), "--zero", str(zero), *extra])
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
+        raise AssertionError(f"native MoE launch failed ({proc.returncode}):\n{tail}")
+    assert not _shm_segments() - before, "launch left shared memory behind"
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}

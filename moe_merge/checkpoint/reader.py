@@ -13,6 +13,13 @@ Layouts (DeepSpeed 0.19; names as in DeepSpeed's own zero_to_fp32 / ds_to_univer
   that rank) and ``..._optim_states.pt`` (``fp32_flat_groups[g]``: every parameter of group g
   cut in ceil(numel / P) pieces over the P ranks of the group's partition, padded).
 
+Native ``deepspeed.moe.layer.MoE`` (ZeRO-0/1/2): each local expert is its own module
+(``<layer>.deepspeed_moe.experts.deepspeed_experts.<i>.<...>``); the optimizer holds the experts
+in a parameter group of their own (``"moe": True``, named ``ep_size_<EP>``) partitioned over the
+expert-data-parallel group (``partition_count[g]`` ranks), under local names. Read back, every
+expert parameter is named by its global expert index ``ep_rank * E_local + i``, the names
+DeepSpeed gives them in its per-expert files, so layouts with different EP sizes line up.
+
 AutoEP expert parameters (``<layer>.experts.w1|w2|w3``, local shape [E_local, ...]) are
 partitioned over the expert-data-parallel group of their expert-parallel rank; the expert
 placement in ``ds_autoep_layers`` says which global experts each EP rank holds. A full logical
@@ -40,6 +47,7 @@ from moe_merge.checkpoint.safe_load import CheckpointError, load
 OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+NATIVE_EXPERT_RE = re.compile(r"^(.*\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..+)$")
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
@@ -82,10 +90,23 @@ class ParamSpec:
     local_shape: tuple[int, ...]  # shape on one EP rank (== shape for non-expert params)
     expert: ExpertInfo | None = None
     pieces: dict[int, list[tuple[int, Piece]]] = field(default_factory=dict)  # ep -> (order, piece)
+    module_file: str | None = None  # native MoE expert: the per-expert file holding its module copy
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def is_expert(self) -> bool:
+        return self.expert is not None or NATIVE_EXPERT_RE.match(self.name) is not None
+
+
+def _natural(name: str) -> list:
+    """Sort key putting layers.10 after layers.9 and native expert 10 after expert 9, keeping
+    the parameters of one expert in the order they were found (the sort is stable)."""
+    m = NATIVE_EXPERT_RE.match(name)
+    key = m.group(1) + m.group(2) if m else name
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
 class DSCheckpoint:
@@ -121,10 +142,12 @@ class DSCheckpoint:
                                       "DeepSpeed model-states file")
         self.ds_config: dict = self.model_state.get("ds_config") or {}
         self.autoep_layers: list[dict] = self.model_state.get("ds_autoep_layers") or []
-        if self.expert_files and not self.autoep_layers:
-            raise CheckpointError(f"{self.dir}: native deepspeed.moe.layer.MoE checkpoints (per-expert "
-                                  "files without AutoEP metadata) are not supported yet")
+        self.native_moe = bool(self.expert_files) and not self.autoep_layers
         self.zero_stage = self._zero_stage()
+        if self.native_moe and self.zero_stage == 3:
+            raise CheckpointError(f"{self.dir}: native deepspeed.moe.layer.MoE under ZeRO-3 is not "
+                                  "a layout DeepSpeed writes; cannot read it")
+        self._native_ep = 1
         self.dp_size = int(self.model_state.get("dp_world_size") or max(len(self.optim_files), 1))
         self.has_master = bool(self.optim_files)
         self.bf16 = any(n.startswith("bf16_") for n in self.optim_files.values()) or bool(
@@ -147,10 +170,14 @@ class DSCheckpoint:
 
     @property
     def ep_size(self) -> int:
+        if self.native_moe:
+            return self._native_ep
         return max((int(e["ep_size"]) for e in self.autoep_layers), default=1)
 
     @property
     def num_experts(self) -> int:
+        if self.native_moe:
+            return max((int(n) for n in self.model_state.get("num_experts") or []), default=0)
         return max((int(e["num_experts"]) for e in self.autoep_layers), default=0)
 
     @property
@@ -167,7 +194,7 @@ class DSCheckpoint:
         return [self.optim_files[r] for r in sorted(self.optim_files)]
 
     def param_counts(self) -> dict[str, int]:
-        expert = sum(p.numel for p in self.params.values() if p.expert is not None)
+        expert = sum(p.numel for p in self.params.values() if p.is_expert)
         total = sum(p.numel for p in self.params.values())
         return {"total": total, "expert": expert, "non_expert": total - expert}
 
@@ -205,6 +232,11 @@ class DSCheckpoint:
         if self.zero_stage == 3:
             raise CheckpointError(f"{self.dir}: ZeRO-3 checkpoints hold no full module weights; "
                                   "read the fp32 master weights (--source master)")
+        if spec.module_file is not None:
+            t = self._load(spec.module_file).get(spec.name)
+            if t is None:
+                raise CheckpointError(f"{self.dir / spec.module_file}: key '{spec.name}' missing")
+            return t.float().reshape(spec.shape)
         if spec.expert is None:
             t = self.model_state["module"].get(spec.name)
             if t is None:
@@ -310,15 +342,44 @@ class DSCheckpoint:
                                       "*_optim_states.pt files")
             module = self.model_state["module"]
             buffers = set(self.model_state.get("buffer_names") or [])
-            return {n: ParamSpec(n, tuple(t.shape), tuple(t.shape))
-                    for n, t in module.items() if n not in buffers}
+            specs = {n: ParamSpec(n, tuple(t.shape), tuple(t.shape))
+                     for n, t in module.items() if n not in buffers}
+            native = self._native_expert_files() if self.native_moe else {}
+            for n, (fname, shape) in native.items():
+                specs[n] = ParamSpec(n, shape, shape, module_file=fname)
+            return specs
         if self.zero_stage == 3:
             return self._specs_zero3(experts)
         return self._specs_zero12(experts)
 
+    def _native_expert_files(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Global expert parameter name -> (per-expert file, shape), from the expert files."""
+        index = {}
+        for _, fname in sorted(self.expert_files.items()):
+            for name, t in self._load(fname).items():
+                if isinstance(t, torch.Tensor):
+                    index[name] = (fname, tuple(t.shape))
+        return index
+
+    def _native_groups(self, fname: str, osd: dict) -> dict[int, tuple[int, int]]:
+        """Native-MoE optimizer groups: group index -> (ep size, expert-dp partition count)."""
+        groups = (osd.get("base_optimizer_state") or {}).get("param_groups") or []
+        counts = osd.get("partition_count")
+        out = {}
+        for g, group in enumerate(groups):
+            if not group.get("moe"):
+                continue
+            m = re.fullmatch(r"ep_size_(\d+)", str(group.get("name", "")))
+            if m is None or not isinstance(counts, list) or g >= len(counts):
+                raise CheckpointError(f"{self.dir / fname}: MoE parameter group {g} has no "
+                                      "'ep_size_N' name or partition count")
+            out[g] = (int(m.group(1)), int(counts[g]))
+        return out
+
     def _specs_zero12(self, experts: dict[str, ExpertInfo]) -> dict[str, ParamSpec]:
         shapes = self.model_state.get("param_shapes")
         specs: dict[str, ParamSpec] = {}
+        native = self._native_expert_files() if self.native_moe else {}
         ep = self.ep_size
         before = bool(self.ds_config.get("use_data_before_expert_parallelism", False))
         if self.dp_size % ep:
@@ -333,7 +394,12 @@ class DSCheckpoint:
             if mappings is None:
                 raise CheckpointError(f"{self.dir / fname}: key 'param_slice_mappings' missing "
                                       "(checkpoint from a DeepSpeed older than 0.10?)")
+            moe_groups = self._native_groups(fname, osd) if self.native_moe else {}
             for g, mapping in enumerate(mappings):
+                if g in moe_groups:
+                    self._add_native(specs, rank, fname, g, mapping, moe_groups[g], shapes, native,
+                                     before)
+                    continue
                 for name, frag in mapping.items():
                     is_expert = name in experts
                     if name not in specs:
@@ -345,6 +411,33 @@ class DSCheckpoint:
                                           g), int(frag.start), int(frag.numel))
                     specs[name].pieces.setdefault(ep_rank, []).append((order, piece))
         return self._ordered(specs, shapes)
+
+    def _add_native(self, specs, rank, fname, g, mapping, group, shapes, native, before) -> None:
+        """Pieces of one rank's native-MoE expert group, under global expert names."""
+        ep, edp = group
+        if self.dp_size % ep or self.dp_size // ep != edp:
+            raise CheckpointError(f"{self.dir / fname}: MoE group {g}: dp size {self.dp_size}, ep "
+                                  f"size {ep} and expert-data-parallel size {edp} do not agree")
+        self._native_ep = max(self._native_ep, ep)
+        ep_rank = rank // edp if before else rank % ep
+        order = rank % edp if before else rank // ep
+        local = {}
+        for name in mapping:
+            m = NATIVE_EXPERT_RE.match(name)
+            if m is None:
+                raise CheckpointError(f"{self.dir / fname}: parameter {name} of MoE group {g} is "
+                                      "not a deepspeed_moe expert")
+            local[m.group(1)] = max(local.get(m.group(1), 0), int(m.group(2)) + 1)
+        for name, frag in mapping.items():
+            m = NATIVE_EXPERT_RE.match(name)
+            gname = f"{m.group(1)}{ep_rank * local[m.group(1)] + int(m.group(2))}{m.group(3)}"
+            if gname not in specs:
+                shape = self._shape_of(shapes, g, name)
+                specs[gname] = ParamSpec(gname, shape, shape,
+                                         module_file=native.get(gname, (None,))[0])
+            piece = Piece(fname, ("optimizer_state_dict", "single_partition_of_fp32_groups", g),
+                          int(frag.start), int(frag.numel))
+            specs[gname].pieces.setdefault(0, []).append((order, piece))
 
     def _specs_zero3(self, experts: dict[str, ExpertInfo]) -> dict[str, ParamSpec]:
         specs: dict[str, ParamSpec] = {}
@@ -394,7 +487,7 @@ class DSCheckpoint:
     def _ordered(self, specs: dict[str, ParamSpec], shapes) -> dict[str, ParamSpec]:
         """Parameters in module order (the order of the model-states ``module`` dict)."""
         order = [n for n in self.model_state["module"] if n in specs]
-        rest = [n for n in specs if n not in set(order)]
+        rest = sorted((n for n in specs if n not in set(order)), key=_natural)
         for name in [*order, *rest]:
             spec = specs[name]
             want = set(spec.expert.placement) if spec.expert else {0}

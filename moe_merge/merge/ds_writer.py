@@ -132,6 +132,10 @@ class DeepSpeedWriter:
         if self.t.zero_stage == 3:
             return  # ZeRO-3 module records are empty placeholders
         spec = self.t.params[name]
+        if spec.module_file is not None:  # native MoE expert: its own per-expert file
+            sd = self._file(spec.module_file)
+            sd[name].copy_(merged.reshape(sd[name].shape).to(sd[name].dtype))
+            return
         if spec.expert is None:
             module = self._file(self.t.model_file)["module"]
             keys = [name]
