@@ -6,6 +6,7 @@ its wall time and peak RSS are its own.
     python bench/merge_contenders.py naive  OUT.pt TAG_DIR...     torch.load every file, gather, average
     python bench/merge_contenders.py universal OUT.pt WORK TAG_DIR...
                                             ds_to_universal per tag, then average its fp32.pt files
+    python bench/merge_contenders.py add-architectures HF_DIR     (mergekit needs it in config.json)
     python bench/merge_contenders.py check  REF_HF_DIR TAG_DIR KIND PATH
                                             max |difference| of an output against moe-merge's
 
@@ -185,16 +186,29 @@ def universal(out: str, work: str, *tag_dirs: str) -> None:
         dst = work_dir / tag.name
         subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                         "--input_folder", str(tag), "--output_folder", str(dst)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL)
         dirs.append(dst / "zero")
     acc = {}
-    for param in sorted(p.name for p in dirs[0].iterdir()):
+    for param in sorted(p.name for p in dirs[0].iterdir() if (p / "fp32.pt").is_file()):
         total = None
         for d in dirs:
             t = torch.load(d / param / "fp32.pt", map_location="cpu", weights_only=False)["param"]
             total = t.clone() if total is None else total.add_(t)
         acc[param] = total.div_(len(dirs))
     torch.save(acc, out)
+
+
+# ---- mergekit's input ---------------------------------------------------------------------
+def add_architectures(hf_dir: str) -> None:
+    """Add the ``architectures`` entry (from transformers' causal-LM table) to an HF config that
+    lacks it: mergekit picks its architecture definition by that entry."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(hf_dir) / "config.json"
+    config = json.loads(path.read_text())
+    if not config.get("architectures"):
+        config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config["model_type"]]]
+        path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ---- correctness: max |difference| against moe-merge's HF output -------------------------
@@ -231,4 +245,5 @@ def check(ref_dir: str, tag_dir: str, kind: str, path: str) -> None:
 
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:]
-    {"plan": plan, "floor": floor, "naive": naive, "universal": universal, "check": check}[cmd](*rest)
+    {"plan": plan, "floor": floor, "naive": naive, "universal": universal, "check": check,
+     "add-architectures": add_architectures}[cmd](*rest)

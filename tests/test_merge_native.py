@@ -24,13 +24,14 @@ def oracle(run: Path, step: int) -> dict[str, torch.Tensor]:
     return safetensors_out(run / "oracle" / f"global_step{step}")
 
 
-@pytest.mark.parametrize("zero", [1, 2])
+@pytest.mark.parametrize("zero", [0, 1, 2])
 def test_native_moe_gather_equals_the_engine_after_load_checkpoint(zero, native_moe):
     run = native_moe(zero)
     for step in (1, 4):
         want = oracle(run, step)
         c = DSCheckpoint(run / "checkpoints" / f"global_step{step}")
         assert (c.zero_stage, c.dp_size, c.ep_size, c.num_experts) == (zero, 2, 2, 4)
+        assert c.has_master == (zero > 0)
         assert set(c.params) == set(want) and EXPERT in want
         for name, t in want.items():
             assert torch.equal(c.read(name), t), name

@@ -345,6 +345,8 @@ class DSCheckpoint:
             specs = {n: ParamSpec(n, tuple(t.shape), tuple(t.shape))
                      for n, t in module.items() if n not in buffers}
             native = self._native_expert_files() if self.native_moe else {}
+            expp = [p for p in self.dir.glob("expp_rank_*_mp_rank_00_optim_states.pt")]
+            self._native_ep = max(len(expp), 1)  # ZeRO-0 MoE: one optimizer file per EP rank
             for n, (fname, shape) in native.items():
                 specs[n] = ParamSpec(n, shape, shape, module_file=fname)
             return specs

@@ -1,0 +1,343 @@
+"""Merging N checkpoints of a ~111M-parameter MoE: moe-merge against the alternatives, side by side.
+
+The run: recipes/moe_tiny.yaml scaled to a 111M-parameter Qwen3-MoE (16 experts, 8 layers, AutoEP
+EP=2, ZeRO-2, fp32, 2 gloo ranks), 10 steps with a checkpoint after every step (1.7 GB per tag),
+trained once and kept in bench/out/runs/ (re-used by later invocations). For each N the newest N
+tags are merged (SMA) by:
+
+  floor                 one plain read (os.preadv into a reused buffer, no torch) of exactly the
+                        zip records a master-weight merge must read: the fp32 partitions
+                        (single_partition_of_fp32_groups) and the pickles of the files holding them
+  moe-merge             `moe-merge merge RUN --last N --out DIR --max-shard-size S --quiet` (HF output)
+  moe-merge --no-verify the same without the CRC-32 check of the records read
+  naive                 torch.load of every file of every tag, gather, fp32 running sum / N, torch.save
+  ds_to_universal       DeepSpeed's converter per tag, then the average of its per-parameter fp32.pt
+  mergekit              mergekit-yaml linear merge (mergekit 0.1.5, its own venv) of the tags exported
+                        to HF directories beforehand with `moe-merge merge TAG` (export timed apart)
+
+Each contender is one child process: wall time from fork to exit, peak RSS = ru_maxrss of
+wait4 (the largest of the process and its descendants; it counts the touched pages of mmapped
+files), and the peak of the process tree's anonymous memory (RssAnon summed over the tree,
+sampled every 0.1 s). Inputs are in the page cache for everyone: before each timed run the files
+(for the floor and moe-merge: the byte ranges) that the contender reads are read once, untimed.
+Contenders alternate within a repeat, in reversed order on odd repeats. On the first repeat every
+output is compared with moe-merge's (max |difference| after the AutoEP -> HF name map).
+
+    .venv/bin/python bench/merge_bench.py [--n 4,10] [--repeats 2] [--max-shard-size 200MB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "out"
+PY = str(REPO / ".venv" / "bin" / "python")
+MOE_MERGE = str(REPO / ".venv" / "bin" / "moe-merge")
+CHILD = str(REPO / "bench" / "merge_contenders.py")
+MERGEKIT_VENV = OUT / "venv-mergekit"
+RUN_NAME = "moe111m"
+STEPS = 10
+# 111.2M parameters (100.7M in experts): recipes/moe_tiny.yaml widened, 2 sequences of 64 tokens
+# per step so that 10 steps train in ~2 minutes, a checkpoint after every step, all kept.
+RUN_OVERRIDES = [
+    "model.hidden_size=512", "model.num_layers=8", "model.num_heads=8", "model.num_kv_heads=4",
+    "model.head_dim=64", "model.moe_intermediate_size=512", "model.num_experts=16",
+    "data.seq_len=64", "parallel.micro_batch=1", "parallel.global_batch=2",
+    "schedule.warmup_tokens=0", "checkpoint.every_tokens=128", "checkpoint.keep_last=0",
+    f"train.max_tokens={128 * STEPS}", "logging.val_every=0", "logging.log_every=1",
+    "logging.progress=false", f"name={RUN_NAME}",
+]
+CONTENDERS = ["floor", "moe-merge", "moe-merge --no-verify", "naive", "ds_to_universal", "mergekit"]
+MIB = 2**20
+
+
+def env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu"}
+
+
+# ---- measurement -----------------------------------------------------------------------
+def _tree_anon_kib(pid: int) -> int:
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                total += next(int(ln.split()[1]) for ln in f if ln.startswith("RssAnon:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def measure(cmd: list[str], log: Path) -> dict:
+    """Run ``cmd`` as a child; wall time, ru_maxrss (MiB) and the sampled peak anonymous RSS of
+    its process tree (MiB). Exits on failure, with the tail of its log."""
+    with open(log, "w") as logf:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=logf, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        peak_anon = 0
+        done = threading.Event()
+
+        def sample():
+            nonlocal peak_anon
+            while not done.wait(0.1):
+                peak_anon = max(peak_anon, _tree_anon_kib(proc.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        sys.exit(f"error: {' '.join(cmd)} failed ({proc.returncode}), log {log}:\n{tail}")
+    return {"wall_s": wall, "maxrss_mib": usage.ru_maxrss / 1024, "anon_peak_mib": peak_anon / 1024}
+
+
+def warm(ranges: list[tuple[str, int, int]]) -> None:
+    """Read byte ranges once (untimed) so that they are in the page cache."""
+    buf = memoryview(bytearray(64 << 20))
+    for path, offset, length in ranges:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            end = offset + length
+            while offset < end:
+                n = os.preadv(fd, [buf[: min(len(buf), end - offset)]], offset)
+                if n <= 0:
+                    break
+                offset += n
+        finally:
+            os.close(fd)
+
+
+def whole_files(dirs: list[Path]) -> list[tuple[str, int, int]]:
+    return [(str(p), 0, p.stat().st_size) for d in dirs for p in sorted(d.rglob("*")) if p.is_file()]
+
+
+# ---- set-up ------------------------------------------------------------------------------
+def ensure_run() -> Path:
+    run = OUT / "runs" / RUN_NAME
+    tags = [run / "checkpoints" / f"global_step{s}" for s in range(1, STEPS + 1)]
+    if all((t / "meta.json").is_file() for t in tags):
+        print(f"re-using the trained run {run.relative_to(REPO)}", flush=True)
+        return run
+    shutil.rmtree(run, ignore_errors=True)
+    print(f"training {run.relative_to(REPO)} ({STEPS} steps, a checkpoint every step)", flush=True)
+    t0 = time.time()
+    proc = subprocess.run(["bash", str(REPO / "launch" / "train.sh"), "recipes/moe_tiny.yaml",
+                           *RUN_OVERRIDES, f"output_dir={OUT / 'runs'}"], cwd=REPO, env=env(),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: training failed:\n{proc.stderr[-3000:]}")
+    print(f"  trained in {time.time() - t0:.0f} s", flush=True)
+    return run
+
+
+def hf_exports(tags: list[Path], shard: str, logs: Path) -> tuple[list[Path], list[dict]]:
+    """Each tag exported to an HF directory by moe-merge (mergekit's input). The run's HF config
+    has no ``architectures`` entry, which mergekit requires: it is added to the copies."""
+    dirs, times = [], []
+    for tag in tags:
+        dst = OUT / "hf" / tag.name
+        times.append(measure([MOE_MERGE, "merge", str(tag), "--out", str(dst), "--overwrite",
+                              "--max-shard-size", shard, "--quiet"], logs / f"export_{tag.name}.log"))
+        subprocess.run([PY, CHILD, "add-architectures", str(dst)], check=True, env=env())
+        dirs.append(dst)
+    return dirs, times
+
+
+def mergekit_config(hf_dirs: list[Path], path: Path) -> None:
+    models = "".join(f"  - model: {d}\n    parameters: {{weight: 1.0}}\n" for d in hf_dirs)
+    path.write_text(f"merge_method: linear\nmodels:\n{models}parameters: {{normalize: true}}\n"
+                    "dtype: float32\nout_dtype: float32\n")
+
+
+# ---- one N -------------------------------------------------------------------------------
+def bench_n(run: Path, n: int, args, contenders: list[str], logs: Path) -> dict:
+    tags = [run / "checkpoints" / f"global_step{s}" for s in range(STEPS - n + 1, STEPS + 1)]
+    work = OUT / f"merge_n{n}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    plan_file = work / "plan.json"
+    subprocess.run([PY, CHILD, "plan", str(plan_file), *map(str, tags)], check=True, env=env())
+    plan = json.loads(plan_file.read_text())
+    plan_ranges = [tuple(r) for r in plan["ranges"]] + whole_files([run / "hf"])
+    result = {"n": n, "tags": [t.name for t in tags], "floor_bytes": plan["bytes"],
+              "input_bytes": sum(r[2] for r in whole_files(tags)), "runs": {}, "check": {}}
+    hf_dirs = []
+    if "mergekit" in contenders:
+        hf_dirs, export = hf_exports(tags, args.max_shard_size, logs)
+        result["hf_export"] = export
+        mergekit_config(hf_dirs, work / "mergekit.yml")
+    out = {c: work / c.replace(" --", "_").replace("-", "_") for c in contenders}
+    ref = out["moe-merge"]
+    for rep in range(args.repeats):
+        order = contenders if rep % 2 == 0 else contenders[::-1]
+        for c in order:
+            o = out[c]
+            shutil.rmtree(o, ignore_errors=True) if o.is_dir() else o.unlink(missing_ok=True)
+            log = logs / f"n{n}_r{rep}_{o.name}.log"
+            if c == "floor":
+                warm(plan_ranges)
+                cmd = [sys.executable, CHILD, "floor", str(plan_file)]
+            elif c.startswith("moe-merge"):
+                warm(plan_ranges)
+                cmd = [MOE_MERGE, "merge", str(run), "--last", str(n), "--out", str(o),
+                       "--max-shard-size", args.max_shard_size, "--quiet", *c.split()[1:]]
+            elif c == "naive":
+                warm(whole_files(tags))
+                cmd = [PY, CHILD, "naive", str(o), *map(str, tags)]
+            elif c == "ds_to_universal":
+                warm(whole_files(tags))
+                uw = work / "universal_tmp"
+                shutil.rmtree(uw, ignore_errors=True)
+                uw.mkdir()
+                cmd = [PY, CHILD, "universal", str(o), str(uw), *map(str, tags)]
+            else:
+                warm(whole_files(hf_dirs))
+                cmd = [str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(work / "mergekit.yml"),
+                       str(o), "--quiet"]
+            m = measure(cmd, log)
+            if c == "floor":
+                m.update(json.loads(log.read_text().strip().splitlines()[-1]))
+            result["runs"].setdefault(c, []).append(m)
+            print(f"  N={n:<2} repeat {rep}  {c:22s} {m['wall_s']:7.2f} s  "
+                  f"peak RSS {m['maxrss_mib']:7.0f} MiB  (anon {m['anon_peak_mib']:.0f})", flush=True)
+            if c == "ds_to_universal":
+                shutil.rmtree(work / "universal_tmp", ignore_errors=True)
+            if rep == 0 and c not in ("floor", "moe-merge"):
+                kind = "hf" if c.startswith("moe-merge") or c == "mergekit" else "ckpt"
+                chk = subprocess.run([PY, CHILD, "check", str(ref), str(tags[-1]), kind, str(o)],
+                                     check=True, env=env(), capture_output=True, text=True)
+                result["check"][c] = json.loads(chk.stdout.strip().splitlines()[-1])
+                print(f"      max |{c} - moe-merge| = {result['check'][c]['max_abs_diff']:.3g}"
+                      f" (largest |weight| {result['check'][c]['max_abs_value']:.3g})", flush=True)
+            if c != "moe-merge":
+                shutil.rmtree(o, ignore_errors=True) if o.is_dir() else o.unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+# ---- report ------------------------------------------------------------------------------
+def table(res: dict) -> str:
+    runs = res["runs"]
+    floor = statistics.median(r["wall_s"] for r in runs["floor"])
+    lines = [f"N = {res['n']} ({', '.join(res['tags'][:1] + ['...'] + res['tags'][-1:])}): "
+             f"{res['floor_bytes'] / 1e9:.2f} GB of fp32 master records to read "
+             f"({res['input_bytes'] / 1e9:.1f} GB on disk); floor read rate "
+             f"{statistics.median(r['read_bytes'] / r['read_s'] for r in runs['floor']) / 1e9:.1f}"
+             " GB/s", "",
+             "| contender | wall s (median) | runs | × floor | peak RSS MiB | peak anon MiB "
+             "| max abs diff vs moe-merge |", "|---|---|---|---|---|---|---|"]
+    for c, rs in runs.items():
+        med = statistics.median(r["wall_s"] for r in rs)
+        diff = res["check"].get(c, {}).get("max_abs_diff")
+        diff = "reference" if c == "moe-merge" else "-" if diff is None else f"{diff:.2g}"
+        walls = ", ".join(f"{r['wall_s']:.2f}" for r in rs)
+        lines.append(f"| {c} | {med:.2f} | {walls} | "
+                     f"{med / floor:.1f} | {max(r['maxrss_mib'] for r in rs):.0f} | "
+                     f"{max(r['anon_peak_mib'] for r in rs):.0f} | {diff} |")
+    if "hf_export" in res:
+        ex = res["hf_export"]
+        lines.append(f"\nmergekit's input: {len(ex)} HF exports (`moe-merge merge TAG`), "
+                     f"{statistics.median(e['wall_s'] for e in ex):.2f} s each (median), "
+                     f"{sum(e['wall_s'] for e in ex):.1f} s in all, not in the mergekit row")
+    return "\n".join(lines)
+
+
+def goals(results: list[dict], shard_bytes: int) -> str:
+    lines = []
+    for res in results:
+        med = {c: statistics.median(r["wall_s"] for r in rs) for c, rs in res["runs"].items()}
+        a = med["moe-merge"]
+        rss = max(r["maxrss_mib"] for r in res["runs"]["moe-merge"])
+        limit = shard_bytes / MIB + 512
+        n = res["n"]
+        if "floor" in med:
+            lines.append(f"N={n}: moe-merge / floor = {a / med['floor']:.1f} (goal <= 1.5): "
+                         f"{'met' if a <= 1.5 * med['floor'] else 'NOT met'}")
+        for c, goal in (("ds_to_universal", 5), ("mergekit", 2)):
+            if c in med:
+                lines.append(f"N={n}: {c} / moe-merge = {med[c] / a:.1f} (goal >= {goal}): "
+                             f"{'met' if med[c] >= goal * a else 'NOT met'}")
+        lines.append(f"N={n}: moe-merge peak RSS {rss:.0f} MiB (goal <= {limit:.0f} MiB = "
+                     f"--max-shard-size + 512 MiB): {'met' if rss <= limit else 'NOT met'}")
+    if len(results) >= 2 and all("floor" in r["runs"] for r in results):
+        lo, hi = results[0], results[-1]
+        db = hi["floor_bytes"] - lo["floor_bytes"]
+        for c in ("floor", "moe-merge", "moe-merge --no-verify"):
+            if c in lo["runs"]:
+                dt = (statistics.median(r["wall_s"] for r in hi["runs"][c])
+                      - statistics.median(r["wall_s"] for r in lo["runs"][c]))
+                lines.append(f"marginal rate of {c} (N={lo['n']} -> N={hi['n']}): "
+                             f"{db / dt / 1e9:.2f} GB/s of fp32 master bytes per process")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    mem = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), platform.processor())
+    return {"nproc": os.cpu_count(), "mem_gib": round(mem / 2**20, 1), "cpu": cpu,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", default="4,10", help="comma-separated numbers of checkpoints (<= 10)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-shard-size", default="200MB")
+    ap.add_argument("--only", default=None,
+                    help=f"comma-separated subset of: {', '.join(CONTENDERS)} (moe-merge is always run)")
+    ap.add_argument("--json", default=str(OUT / "merge_bench.json"))
+    args = ap.parse_args()
+    ns = [int(x) for x in args.n.split(",")]
+    if any(not 1 <= n <= STEPS for n in ns):
+        ap.error(f"--n: each N must be in 1..{STEPS}")
+    contenders = CONTENDERS if args.only is None else [
+        c for c in CONTENDERS if c == "moe-merge" or c in args.only.split(",")]
+    if "mergekit" in contenders and not (MERGEKIT_VENV / "bin" / "mergekit-yaml").exists():
+        print(f"mergekit left out: no {MERGEKIT_VENV}; create it with\n  python3 -m venv "
+              f"{MERGEKIT_VENV} && {MERGEKIT_VENV}/bin/pip install -c launch/constraints.txt "
+              "torch==2.13.0 mergekit==0.1.5", flush=True)
+        contenders.remove("mergekit")
+    sys.path.insert(0, str(REPO))
+    from moe_merge.merge.writer import parse_size
+
+    shard_bytes = parse_size(args.max_shard_size)
+    run = ensure_run()
+    logs = OUT / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    results = [bench_n(run, n, args, contenders, logs) for n in ns]
+    report = "\n\n".join(table(r) for r in results) + "\n\n" + goals(results, shard_bytes)
+    info = machine()
+    print(f"\n{info['nproc']} cores ({info['cpu']}), {info['mem_gib']} GiB; run "
+          f"{run.relative_to(REPO)}; --max-shard-size {args.max_shard_size}; median of "
+          f"{args.repeats}\n\n{report}")
+    Path(args.json).write_text(json.dumps({"machine": info, "command": sys.argv,
+                                           "max_shard_size": args.max_shard_size,
+                                           "results": results}, indent=1) + "\n")
+    print(f"\nraw results: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
