@@ -4,6 +4,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${MOE_MERGE_VENV:-$ROOT/.venv}
+# DeepSpeed's JIT-compiled ops are cached per virtualenv: checkouts with different venvs would
+# otherwise recompile them in turn in the one shared ~/.cache/torch_extensions.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}
 PYTHON=${PYTHON:-python3}
 want=$(cat "$ROOT/pyproject.toml" "$ROOT/launch/constraints.txt" | sha256sum | cut -d' ' -f1)
 stamp="$VENV/.moe_merge_installed"

@@ -7,6 +7,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${MOE_MERGE_VENV:-$ROOT/.venv}
+# DeepSpeed's JIT-compiled ops are cached per virtualenv: checkouts with different venvs would
+# otherwise recompile them in turn in the one shared ~/.cache/torch_extensions.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}
 PY="$VENV/bin/python"
 if [ $# -lt 1 ]; then echo "usage: $0 RECIPE [key=value ...]" >&2; exit 2; fi
 cd "$ROOT"
