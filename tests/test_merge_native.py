@@ -61,7 +61,7 @@ def test_native_moe_cli_and_deepspeed_output_loaded_by_the_engine(native_moe, tm
     proc = cli("inspect", run, "--json")
     assert proc.returncode == 0, proc.stderr
     t = json.loads(proc.stdout)["tags"][-1]
-    assert (t["zero_stage"], t["ep_size"], t["num_experts"]) == (2, 2, 4)
+    assert (t["zero_stage"], t["ep_size"], t["num_experts"], t["moe_kind"]) == (2, 2, 4, "native")
     proc = cli("merge", run, "--last", "2", "--out", tmp_path / "hf")
     assert proc.returncode == 2 and "--hf-config" in proc.stderr  # not an HF architecture
     proc = cli("merge", run, "--last", "2", "--out", tmp_path / "ds", "--format", "deepspeed",

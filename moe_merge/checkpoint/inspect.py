@@ -25,6 +25,7 @@ def inspect(path: str | Path, verify: bool = False) -> dict:
             "step": t.step if t.step >= 0 else c.step,
             "zero_stage": c.zero_stage, "dp_size": c.dp_size, "ep_size": c.ep_size,
             "num_experts": c.num_experts, "autoep_preset": c.preset,
+            "moe_kind": "native" if c.native_moe else ("autoep" if c.autoep_layers else None),
             "precision": "bf16" if c.bf16 else "fp32",
             "fp32_master_files": c.master_files or None,
             "master_source": "optimizer partitions" if c.has_master else "module weights",
@@ -72,8 +73,10 @@ def render(report: dict) -> str:
         lines.append(f"  fp32 master weights: {r['master_source']}"
                      + (f" ({', '.join(r['fp32_master_files'])})" if r["fp32_master_files"] else ""))
         if r["num_experts"]:
-            lines.append(f"  MoE: {r['num_experts']} experts per layer, AutoEP preset "
-                         f"{r['autoep_preset']}, expert parallel size {r['ep_size']}")
+            kind = ("native deepspeed.moe.layer.MoE" if r["moe_kind"] == "native"
+                    else f"AutoEP preset {r['autoep_preset']}")
+            lines.append(f"  MoE: {r['num_experts']} experts per layer, {kind}, expert parallel "
+                         f"size {r['ep_size']}")
     lines.append(f"  HF config: {report['hf_config'] or 'none (merge --format hf needs --hf-config)'}")
     lines.append("  mergeable: yes" if report["mergeable"] else
                  "  mergeable: NO\n" + "\n".join(f"    - {p}" for p in report["problems"]))
