@@ -35,6 +35,7 @@ import math
 import re
 import zipfile
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -47,6 +48,7 @@ from moe_merge.checkpoint.safe_load import CheckpointError, load
 OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_CRC_POOL: ThreadPoolExecutor | None = None
 NATIVE_EXPERT_RE = re.compile(r"^(.*\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..+)$")
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
@@ -112,11 +114,16 @@ def _natural(name: str) -> list:
 class DSCheckpoint:
     """One tag directory of a DeepSpeed checkpoint."""
 
-    def __init__(self, tag_dir: Path | str, verify: bool = True):
+    def __init__(self, tag_dir: Path | str, verify: bool = True, verify_async: bool = False):
+        """``verify``: check the CRC-32 of every tensor record read, once per record. With
+        ``verify_async`` the checks run in a background thread and ``wait_verified()`` raises
+        the first failure (the merge calls it before its output is moved into place)."""
         self.dir = Path(tag_dir)
         if not self.dir.is_dir():
             raise CheckpointError(f"{self.dir}: not a directory")
         self.verify = verify
+        self.verify_async = verify_async
+        self._pending: list[Future] = []
         self._files: dict[str, dict] = {}
         self._verified: set[tuple[str, str]] = set()
         self._zip: dict[str, dict[str, zipfile.ZipInfo]] = {}
@@ -202,30 +209,50 @@ class DSCheckpoint:
         return {n: p.shape for n, p in self.params.items()}
 
     # ---- reading -------------------------------------------------------------------------
-    def read(self, name: str, source: str = "master", state: str = "fp32") -> torch.Tensor:
+    def read(self, name: str, source: str = "master", state: str = "fp32",
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """The full logical fp32 tensor of parameter ``name``: its master weights (``state``
-        "fp32"), or Adam's ``exp_avg`` / ``exp_avg_sq`` for it (same partition layout)."""
+        "fp32"), or Adam's ``exp_avg`` / ``exp_avg_sq`` for it (same partition layout).
+
+        With ``out`` (a tensor or view of the full shape, any float dtype), the values are copied
+        straight from the memory-mapped partitions into it and ``out`` is returned: no
+        intermediate tensors for the usual layouts.
+        """
         spec = self.params[name]
         if state != "fp32":
             if not self.has_master:
                 raise CheckpointError(f"{self.dir}: no optimizer partitions, no {state} to read")
             source = "master"
         if source == "module" or not self.has_master:
-            return self._read_module(spec)
-        out = torch.empty(spec.shape, dtype=torch.float32)
+            t = self._read_module(spec)
+            return t if out is None else out.copy_(t)
+        if out is None:
+            out = torch.empty(spec.shape, dtype=torch.float32)
+        want = math.prod(spec.local_shape)
         for ep_rank, pieces in sorted(spec.pieces.items()):
-            parts = [self._slice(_for_state(p, state)) for _, p in sorted(pieces, key=lambda t: t[0])]
-            flat = parts[0] if len(parts) == 1 else torch.cat(parts)
-            want = math.prod(spec.local_shape)
-            if flat.numel() != want:
-                raise CheckpointError(f"{self.dir}: parameter {name} has {flat.numel()} master "
+            ordered = [_for_state(p, state) for _, p in sorted(pieces, key=lambda t: t[0])]
+            have = sum(p.numel for p in ordered)
+            if have != want:
+                raise CheckpointError(f"{self.dir}: parameter {name} has {have} master "
                                       f"elements on EP rank {ep_rank}, expected {want}")
-            local = flat.view(spec.local_shape)
             if spec.expert is None:
-                out.copy_(local)
+                dest = out
             else:
                 ids = spec.expert.placement[ep_rank]
-                out[torch.tensor(ids)] = local.float()
+                contiguous = ids == list(range(ids[0], ids[0] + len(ids)))
+                dest = out.narrow(0, ids[0], len(ids)) if contiguous else None
+            if dest is not None and dest.is_contiguous():
+                flat, offset = dest.view(-1), 0
+                for p in ordered:
+                    flat.narrow(0, offset, p.numel).copy_(self._slice(p))
+                    offset += p.numel
+                continue
+            parts = [self._slice(p) for p in ordered]
+            local = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(spec.local_shape)
+            if dest is not None:
+                dest.copy_(local)
+            else:
+                out[torch.tensor(ids)] = local.to(out.dtype)
         return out
 
     def _read_module(self, spec: ParamSpec) -> torch.Tensor:
@@ -270,7 +297,7 @@ class DSCheckpoint:
                                   f"needs {piece.start + piece.numel}")
         if self.verify:
             self._verify_storage(piece.file, obj)
-        return obj.narrow(0, piece.start, piece.numel).float()
+        return obj.narrow(0, piece.start, piece.numel)
 
     def _verify_storage(self, fname: str, t: torch.Tensor) -> None:
         """Check the CRC-32 of the zip record holding ``t``'s storage, once per record."""
@@ -281,14 +308,28 @@ class DSCheckpoint:
         key = (fname, str(storage.data_ptr()))
         if key in self._verified:
             return
-        nbytes = storage.nbytes()
-        raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (nbytes,))
-        crc = zlib.crc32(raw.numpy())
-        if not any(i.CRC == crc and i.file_size == nbytes for i in self._zip[fname].values()
+        self._verified.add(key)
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
+        if not self.verify_async:
+            self._check_crc(fname, raw)
+            return
+        global _CRC_POOL
+        if _CRC_POOL is None:
+            _CRC_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crc32")
+        self._pending.append(_CRC_POOL.submit(self._check_crc, fname, raw))
+
+    def _check_crc(self, fname: str, raw: torch.Tensor) -> None:
+        crc = zlib.crc32(raw.numpy())  # releases the GIL: runs beside the averaging
+        if not any(i.CRC == crc and i.file_size == raw.numel() for i in self._zip[fname].values()
                    if "/data/" in i.filename):
             raise CheckpointError(f"{self.dir / fname}: a tensor record fails its CRC-32 check "
                                   "(corrupted file)")
-        self._verified.add(key)
+
+    def wait_verified(self) -> None:
+        """Raise the first CRC failure of the records read so far (``verify_async`` mode)."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
 
     def _load(self, fname: str) -> dict:
         if fname not in self._files:

@@ -80,9 +80,32 @@ def _check_compatible(readers: list[DSCheckpoint]) -> None:
                                   "different models")
 
 
-def _read_out(r: DSCheckpoint, o: OutTensor, source: str) -> torch.Tensor:
-    parts = [r.read(s, source) for s in o.sources]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=o.cat_dim)
+def _read_out(r: DSCheckpoint, o: OutTensor, source: str,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Output tensor ``o`` of checkpoint ``r`` (its sources concatenated), into ``out`` if given."""
+    if out is None:
+        parts = [r.read(s, source) for s in o.sources]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=o.cat_dim)
+    if len(o.sources) == 1:
+        return r.read(o.sources[0], source, out=out.view(r.params[o.sources[0]].shape))
+    offset = 0
+    for s in o.sources:
+        size = r.params[s].shape[o.cat_dim]
+        r.read(s, source, out=out.narrow(o.cat_dim, offset, size))
+        offset += size
+    return out
+
+
+def _name_nonfinite(chosen: list[Tag], readers: list[DSCheckpoint], o: OutTensor,
+                    source: str) -> None:
+    for r in readers:
+        r.wait_verified()  # a record that fails its CRC is the cause: name it first
+    for tag, r in zip(chosen, readers):
+        if not torch.isfinite(_read_out(r, o, source)).all():
+            raise CheckpointError(f"{tag.path}: tensor {o.name} holds NaN or Inf values "
+                                  "(pass --allow-nonfinite to merge anyway)")
+    raise CheckpointError(f"tensor {o.name}: the weighted sum is not finite "
+                          "(pass --allow-nonfinite to merge anyway)")
 
 
 def describe(tags: list[Tag], weights: list[float]) -> str:
@@ -111,7 +134,7 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
     check_target(out, overwrite)
     shard_bytes = parse_size(max_shard_size)
     chosen, w = plan(ckpts, strategy, alpha, weights, last, every, tags)
-    readers = [DSCheckpoint(t.path, verify=verify) for t in chosen]
+    readers = [DSCheckpoint(t.path, verify=verify, verify_async=True) for t in chosen]
     _check_compatible(readers)
     newest = readers[-1]
     if source == "master":
@@ -145,25 +168,37 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
         bar = tqdm(total=total_bytes * len(readers), unit="B", unit_scale=True, desc="merge",
                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
     try:
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite) as tmp, torch.no_grad():
             if fmt == "deepspeed":
                 from moe_merge.merge.ds_writer import DeepSpeedWriter
 
                 writer = DeepSpeedWriter(newest, tmp, optimizer_state)
             else:
                 writer = ShardWriter(tmp, shards, metadata={"format": "pt"})
+            # Two float64 scratch buffers reused for every tensor: inputs are copied (and
+            # widened) straight from the memory-mapped partitions into ``stage`` and added to
+            # ``acc``; nothing is allocated, and no page is faulted in, per tensor or input.
+            most = max(torch.Size(o.shape).numel() for o in outs)
+            acc_buf = torch.empty(most, dtype=torch.float64)
+            stage_buf = torch.empty(most, dtype=torch.float64)
             for o in outs:
-                acc = torch.zeros(o.shape, dtype=torch.float64)
-                for tag, r, wi in zip(chosen, readers, w):
-                    t = _read_out(r, o, source)
-                    if not allow_nonfinite and not torch.isfinite(t).all():
-                        raise CheckpointError(f"{tag.path}: tensor {o.name} holds NaN or Inf values "
-                                              "(pass --allow-nonfinite to merge anyway)")
-                    acc.add_(t, alpha=wi)
+                n = torch.Size(o.shape).numel()
+                acc, stage = acc_buf[:n].view(o.shape), stage_buf[:n].view(o.shape)
+                for i, (r, wi) in enumerate(zip(readers, w)):
+                    _read_out(r, o, source, out=stage)
+                    if i == 0:
+                        torch.mul(stage, wi, out=acc)
+                    else:
+                        acc.add_(stage, alpha=wi)
                     if bar is not None:
-                        bar.update(t.numel() * 4)
+                        bar.update(n * 4)
+                # A NaN or Inf in any input makes the weighted sum non-finite (0 * Inf is NaN),
+                # and a float64 sum of float32 values cannot overflow: one cheap reduction.
+                if not allow_nonfinite and not torch.isfinite(acc.sum()):
+                    _name_nonfinite(chosen, readers, o, source)
+                merged = torch.empty(o.shape, dtype=torch.float32).copy_(acc)
                 if fmt != "deepspeed":
-                    writer.add(o.name, acc.to(torch.float32))
+                    writer.add(o.name, merged)
                     continue
                 moments = None
                 if optimizer_state == "merged":
@@ -173,7 +208,9 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
                         for r, wi in zip(readers, w):
                             m.add_(r.read(o.name, state=state), alpha=wi)
                         moments[state] = m.to(torch.float32)
-                writer.write(o.name, acc.to(torch.float32), moments)
+                writer.write(o.name, merged, moments)
+            for r in readers:
+                r.wait_verified()  # a corrupted record read above fails the merge here
             if fmt == "deepspeed":
                 writer.finish()
                 from moe_merge.merge.writer import sha256_file
