@@ -96,3 +96,25 @@ def test_parse_size():
     for bad in ("lots", "-1GB", "0"):
         with pytest.raises(MergeError, match="--max-shard-size"):
             parse_size(bad)
+
+
+def test_hf_names_are_cached_per_config_and_equal_a_fresh_build(tmp_path, monkeypatch):
+    from transformers import Qwen3MoeConfig
+
+    from moe_merge.checkpoint import names
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg_dir = tmp_path / "hf"
+    Qwen3MoeConfig(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                   num_experts=4, num_experts_per_tok=2).save_pretrained(cfg_dir)
+    fresh = names._hf_expected(cfg_dir)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in fresh[0]
+    assert names.hf_expected(cfg_dir) == fresh  # computed, then stored
+    assert len(list((tmp_path / "cache" / "moe-merge" / "hf_names").glob("*.json"))) == 1
+    monkeypatch.setattr(names, "_hf_expected", lambda d: pytest.fail("cache not used"))
+    assert names.hf_expected(cfg_dir) == fresh
+    (cfg_dir / "config.json").write_text((cfg_dir / "config.json").read_text().replace(
+        '"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+    with pytest.raises(pytest.fail.Exception):  # another config is another key
+        names.hf_expected(cfg_dir)

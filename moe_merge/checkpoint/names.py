@@ -82,9 +82,50 @@ def hf_map(shapes: dict[str, tuple[int, ...]], autoep_layers: list[dict],
     return result
 
 
+def _cache_file(hf_dir: Path) -> Path | None:
+    import hashlib
+    import os
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        key = hashlib.sha256((Path(hf_dir) / "config.json").read_bytes()
+                             + version("transformers").encode()).hexdigest()[:32]
+    except (OSError, PackageNotFoundError):
+        return None
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "moe-merge" / "hf_names" / f"{key}.json"
+
+
 def hf_expected(hf_dir: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """Names and shapes of the HF model in ``hf_dir`` (built on the meta device, no weights),
-    and the names transformers ties to another weight (they may be absent from a checkpoint)."""
+    and the names transformers ties to another weight (they may be absent from a checkpoint).
+
+    Importing transformers and building the model costs seconds, more than merging a small
+    model; the answer is cached per config.json content and transformers version (in
+    ``~/.cache/moe-merge/hf_names``), so only the first merge of a model pays it."""
+    import json
+    import os
+
+    cache = _cache_file(hf_dir)
+    if cache is not None and cache.is_file():
+        try:
+            data = json.loads(cache.read_text())
+            return {k: tuple(v) for k, v in data["expected"].items()}, set(data["tied"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry is recomputed
+    expected, tied = _hf_expected(hf_dir)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"expected": expected, "tied": sorted(tied)}))
+            tmp.replace(cache)
+        except OSError:
+            pass  # a read-only home: no cache, same answer
+    return expected, tied
+
+
+def _hf_expected(hf_dir: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
