@@ -174,7 +174,8 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
 
                 writer = DeepSpeedWriter(newest, tmp, optimizer_state)
             else:
-                writer = ShardWriter(tmp, shards, metadata={"format": "pt"})
+                writer = ShardWriter(tmp, shards, metadata={"format": "pt"},
+                                     specs={o.name: (tuple(o.shape), torch.float32) for o in outs})
             # Two float64 scratch buffers reused for every tensor: inputs are copied (and
             # widened) straight from the memory-mapped partitions into ``stage`` and added to
             # ``acc``; nothing is allocated, and no page is faulted in, per tensor or input.

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from moe_merge.merge.strategies import MergeError
 
@@ -134,35 +133,75 @@ def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]],
     return shards
 
 
-class ShardWriter:
-    """Takes tensors in the planned order and writes each safetensors shard once it is full.
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.float64: "F64"}
 
-    Peak memory is one shard. Files are named like transformers' (``model.safetensors`` for a
-    single shard, else ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``).
+
+class ShardWriter:
+    """Takes tensors in the planned order and streams each into its safetensors shard.
+
+    Every shard's header is known from the plan (names, dtypes, shapes), so it is written when
+    the shard's first tensor arrives and each tensor goes to disk as it is added, hashed
+    (sha256) on the way: peak memory is one tensor, not one shard, and nothing is read back.
+    The files are plain safetensors (8-byte header length, JSON header padded to 8 bytes,
+    tensors back to back in header order), named like transformers' (``model.safetensors`` for
+    a single shard, else ``model-0000i-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json``).
     """
 
-    def __init__(self, out_dir: Path, shards: list[list[str]], metadata: dict[str, str]):
+    def __init__(self, out_dir: Path, shards: list[list[str]], metadata: dict[str, str],
+                 specs: dict[str, tuple[tuple[int, ...], torch.dtype]]):
         self.out_dir = Path(out_dir)
         self.metadata = metadata
+        self.specs = specs
         n = len(shards)
         self.files = (["model.safetensors"] if n == 1 else
                       [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.shards = shards
         self.shard_of = {name: i for i, names in enumerate(shards) for name in names}
         self.remaining = [len(names) for names in shards]
-        self.pending: list[dict[str, torch.Tensor]] = [{} for _ in shards]
+        self.next = [0] * n
+        self.open: dict[int, tuple] = {}  # shard -> (file, sha256)
         self.sha256: dict[str, str] = {}
         self.total_size = 0
 
+    def _header(self, i: int) -> bytes:
+        header: dict = {"__metadata__": self.metadata} if self.metadata else {}
+        offset = 0
+        for name in self.shards[i]:
+            shape, dtype = self.specs[name]
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        return len(raw).to_bytes(8, "little") + raw
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         i = self.shard_of[name]
-        self.pending[i][name] = tensor.contiguous()
+        shape, dtype = self.specs[name]
+        if self.shards[i][self.next[i]] != name or tuple(tensor.shape) != tuple(shape) \
+                or tensor.dtype != dtype:
+            raise RuntimeError(f"internal error: tensor {name} {tuple(tensor.shape)} {tensor.dtype} "
+                               f"out of the planned order or shape")
+        if i not in self.open:
+            f, h = open(self.out_dir / self.files[i], "wb"), hashlib.sha256()
+            head = self._header(i)
+            f.write(head)
+            h.update(head)
+            self.open[i] = (f, h)
+        f, h = self.open[i]
+        data = memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
+        f.write(data)
+        h.update(data)
         self.total_size += tensor.numel() * tensor.element_size()
+        self.next[i] += 1
         self.remaining[i] -= 1
         if self.remaining[i] == 0:
-            path = self.out_dir / self.files[i]
-            save_file(self.pending[i], str(path), metadata=self.metadata)
-            self.pending[i] = {}
-            self.sha256[self.files[i]] = sha256_file(path)
+            f.close()
+            self.sha256[self.files[i]] = h.hexdigest()
+            del self.open[i]
 
     def finish(self) -> dict[str, str]:
         left = [n for n, i in self.shard_of.items() if self.remaining[i] > 0]
