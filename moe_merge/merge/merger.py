@@ -96,6 +96,22 @@ def _read_out(r: DSCheckpoint, o: OutTensor, source: str,
     return out
 
 
+def _accumulate(r: DSCheckpoint, o: OutTensor, source: str, acc: torch.Tensor,
+                stage_buf: torch.Tensor, weight: float) -> None:
+    """acc += weight * (output tensor ``o`` of ``r``), each source read contiguously into the
+    float64 stage buffer and added in place into its slice of ``acc`` (no concatenation)."""
+    offset = 0
+    for s in o.sources:
+        shape = r.params[s].shape
+        t = r.read(s, source, out=stage_buf[:torch.Size(shape).numel()].view(shape))
+        if len(o.sources) == 1:
+            acc.add_(t.view(acc.shape), alpha=weight)
+            return
+        size = shape[o.cat_dim]
+        acc.narrow(o.cat_dim, offset, size).add_(t, alpha=weight)
+        offset += size
+
+
 def _name_nonfinite(chosen: list[Tag], readers: list[DSCheckpoint], o: OutTensor,
                     source: str) -> None:
     for r in readers:
@@ -184,13 +200,10 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
             stage_buf = torch.empty(most, dtype=torch.float64)
             for o in outs:
                 n = torch.Size(o.shape).numel()
-                acc, stage = acc_buf[:n].view(o.shape), stage_buf[:n].view(o.shape)
-                for i, (r, wi) in enumerate(zip(readers, w)):
-                    _read_out(r, o, source, out=stage)
-                    if i == 0:
-                        torch.mul(stage, wi, out=acc)
-                    else:
-                        acc.add_(stage, alpha=wi)
+                acc = acc_buf[:n].view(o.shape)
+                acc.zero_()
+                for r, wi in zip(readers, w):
+                    _accumulate(r, o, source, acc, stage_buf, wi)
                     if bar is not None:
                         bar.update(n * 4)
                 # A NaN or Inf in any input makes the weighted sum non-finite (0 * Inf is NaN),

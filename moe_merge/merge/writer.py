@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -164,6 +165,10 @@ class ShardWriter:
         self.open: dict[int, tuple] = {}  # shard -> (file, sha256)
         self.sha256: dict[str, str] = {}
         self.total_size = 0
+        # Writing and hashing (both release the GIL) run in one background thread, so they
+        # overlap the reading and averaging of the next tensor; at most one tensor in flight.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._last: Future | None = None
 
     def _header(self, i: int) -> bytes:
         header: dict = {"__metadata__": self.metadata} if self.metadata else {}
@@ -185,6 +190,14 @@ class ShardWriter:
                 or tensor.dtype != dtype:
             raise RuntimeError(f"internal error: tensor {name} {tuple(tensor.shape)} {tensor.dtype} "
                                f"out of the planned order or shape")
+        self.total_size += tensor.numel() * tensor.element_size()
+        self.next[i] += 1
+        self.remaining[i] -= 1
+        if self._last is not None:
+            self._last.result()
+        self._last = self._pool.submit(self._write, i, tensor.contiguous(), self.remaining[i] == 0)
+
+    def _write(self, i: int, tensor: torch.Tensor, last: bool) -> None:
         if i not in self.open:
             f, h = open(self.out_dir / self.files[i], "wb"), hashlib.sha256()
             head = self._header(i)
@@ -192,18 +205,18 @@ class ShardWriter:
             h.update(head)
             self.open[i] = (f, h)
         f, h = self.open[i]
-        data = memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy())
+        data = memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
         f.write(data)
         h.update(data)
-        self.total_size += tensor.numel() * tensor.element_size()
-        self.next[i] += 1
-        self.remaining[i] -= 1
-        if self.remaining[i] == 0:
+        if last:
             f.close()
             self.sha256[self.files[i]] = h.hexdigest()
             del self.open[i]
 
     def finish(self) -> dict[str, str]:
+        if self._last is not None:
+            self._last.result()
+        self._pool.shutdown()
         left = [n for n, i in self.shard_of.items() if self.remaining[i] > 0]
         if left:
             raise RuntimeError(f"internal error: tensor {left[0]} was never written")
