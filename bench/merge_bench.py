@@ -8,20 +8,27 @@ tags are merged (SMA) by:
   floor                 one plain read (os.preadv into a reused buffer, no torch) of exactly the
                         zip records a master-weight merge must read: the fp32 partitions
                         (single_partition_of_fp32_groups) and the pickles of the files holding them
-  moe-merge             `moe-merge merge RUN --last N --out DIR --max-shard-size S --quiet` (HF output)
+  moe-merge             `moe-merge merge RUN --last N --out DIR --max-shard-size S --quiet`
+                        (HF output)
   moe-merge --no-verify the same without the CRC-32 check of the records read
-  naive                 torch.load of every file of every tag, gather, fp32 running sum / N, torch.save
+  naive                 torch.load of every file of every tag, gather, fp32 running sum / N,
+                        torch.save
   ds_to_universal       DeepSpeed's converter per tag, then the average of its per-parameter fp32.pt
-  mergekit              mergekit-yaml linear merge (mergekit 0.1.5, its own venv) of the tags exported
-                        to HF directories beforehand with `moe-merge merge TAG` (export timed apart)
+  mergekit              mergekit-yaml linear merge (mergekit 0.1.5, its own venv) of the tags
+                        exported to HF directories beforehand with `moe-merge merge TAG` (the
+                        export is timed apart)
 
-Each contender is one child process: wall time from fork to exit, peak RSS = ru_maxrss of
-wait4 (the largest of the process and its descendants; it counts the touched pages of mmapped
-files), and the peak of the process tree's anonymous memory (RssAnon summed over the tree,
-sampled every 0.1 s). Inputs are in the page cache for everyone: before each timed run the files
-(for the floor and moe-merge: the byte ranges) that the contender reads are read once, untimed.
-Contenders alternate within a repeat, in reversed order on odd repeats. On the first repeat every
-output is compared with moe-merge's (max |difference| after the AutoEP -> HF name map).
+Each contender is one child process: wall time from start to exit; peak RSS = ru_maxrss as
+GNU time reports it (the largest of the process and its descendants, not their sum; it counts
+the touched pages of mmapped files); the peak anonymous memory of its process tree (RssAnon
+summed over the tree, sampled every 0.1 s: heap and tensors, no file pages); and the CPU that
+other processes used meanwhile. Inputs are in the page cache for everyone: before each timed run
+the files (for the floor and moe-merge: the byte ranges) that the contender reads are read once,
+untimed. The machine may be shared, so each timed run waits (up to --max-wait s) until other
+processes use < 0.25 cores. Contenders alternate within a repeat, in reversed order on odd
+repeats; ds_to_universal, 10-20x slower than the rest, runs --universal-repeats times (1). On the
+first repeat every output is compared with moe-merge's (max |difference| after the AutoEP -> HF
+name map), and the moe_merge/ sources are hashed before and after the run.
 
     .venv/bin/python bench/merge_bench.py [--n 4,10] [--repeats 2] [--max-shard-size 200MB]
 """
@@ -60,6 +67,7 @@ RUN_OVERRIDES = [
 ]
 CONTENDERS = ["floor", "moe-merge", "moe-merge --no-verify", "naive", "ds_to_universal", "mergekit"]
 MIB = 2**20
+TIME = shutil.which("time", path="/usr/bin:/bin")  # GNU time, for the peak RSS of a child
 
 
 def env() -> dict:
@@ -84,13 +92,49 @@ def _tree_anon_kib(pid: int) -> int:
     return total
 
 
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    total = sum(fields)
+    return total - fields[3] - fields[4], total
+
+
+def busy_cores(seconds: float) -> float:
+    """Cores kept busy by all processes over the next ``seconds``."""
+    b0, t0 = _cpu_jiffies()
+    time.sleep(seconds)
+    b1, t1 = _cpu_jiffies()
+    return (b1 - b0) / max(t1 - t0, 1) * (os.cpu_count() or 1)
+
+
+def wait_quiet(max_wait: float, limit: float = 0.25) -> float:
+    """Wait (up to ``max_wait`` s) until other processes use < ``limit`` cores for 2 s; returns
+    the last reading. The machine is shared: a test suite on 2 cores would distort the timings."""
+    start = time.time()
+    busy = busy_cores(2.0)
+    warned = False
+    while busy >= limit and time.time() - start < max_wait:
+        if not warned:
+            print(f"    waiting for a quiet machine ({busy:.2f} cores busy elsewhere)", flush=True)
+            warned = True
+        busy = busy_cores(5.0)
+    return busy
+
+
 def measure(cmd: list[str], log: Path) -> dict:
-    """Run ``cmd`` as a child; wall time, ru_maxrss (MiB) and the sampled peak anonymous RSS of
-    its process tree (MiB). Exits on failure, with the tail of its log."""
+    """Run ``cmd`` as a child; wall time, peak RSS (MiB) and the sampled peak anonymous RSS of
+    its process tree (MiB). Exits on failure, with the tail of its log.
+
+    Peak RSS is taken by GNU time (``%M``, from wait4: the largest of the child and its
+    descendants) rather than by wait4 here: a child forked from this process starts with this
+    process's own peak RSS, which would then be counted as the child's."""
+    rss_file = log.with_suffix(".maxrss")
+    wrap = [TIME, "-f", "%M", "-o", str(rss_file)] if TIME else []
     with open(log, "w") as logf:
+        busy0, total0 = _cpu_jiffies()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=logf, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen([*wrap, *cmd], cwd=REPO, env=env(), stdout=logf,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         peak_anon = 0
         done = threading.Event()
 
@@ -103,13 +147,21 @@ def measure(cmd: list[str], log: Path) -> dict:
         sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
+        busy1, total1 = _cpu_jiffies()
         done.set()
         sampler.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-25:])
         sys.exit(f"error: {' '.join(cmd)} failed ({proc.returncode}), log {log}:\n{tail}")
-    return {"wall_s": wall, "maxrss_mib": usage.ru_maxrss / 1024, "anon_peak_mib": peak_anon / 1024}
+    maxrss_kib = int(rss_file.read_text().split()[-1]) if TIME else usage.ru_maxrss
+    tick = os.sysconf("SC_CLK_TCK")
+    cores = os.cpu_count() or 1
+    # CPU used by everything but the contender during its run (this process's sampler included)
+    other = ((busy1 - busy0) / tick - usage.ru_utime - usage.ru_stime) / (
+        (total1 - total0) / tick / cores)
+    return {"wall_s": wall, "maxrss_mib": maxrss_kib / 1024, "anon_peak_mib": peak_anon / 1024,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "other_cores": max(other, 0.0)}
 
 
 def warm(ranges: list[tuple[str, int, int]]) -> None:
@@ -129,7 +181,8 @@ def warm(ranges: list[tuple[str, int, int]]) -> None:
 
 
 def whole_files(dirs: list[Path]) -> list[tuple[str, int, int]]:
-    return [(str(p), 0, p.stat().st_size) for d in dirs for p in sorted(d.rglob("*")) if p.is_file()]
+    return [(str(p), 0, p.stat().st_size)
+            for d in dirs for p in sorted(d.rglob("*")) if p.is_file()]
 
 
 # ---- set-up ------------------------------------------------------------------------------
@@ -151,14 +204,17 @@ def ensure_run() -> Path:
     return run
 
 
-def hf_exports(tags: list[Path], shard: str, logs: Path) -> tuple[list[Path], list[dict]]:
+def hf_exports(tags: list[Path], shard: str, logs: Path,
+               max_wait: float) -> tuple[list[Path], list[dict]]:
     """Each tag exported to an HF directory by moe-merge (mergekit's input). The run's HF config
     has no ``architectures`` entry, which mergekit requires: it is added to the copies."""
     dirs, times = [], []
     for tag in tags:
         dst = OUT / "hf" / tag.name
-        times.append(measure([MOE_MERGE, "merge", str(tag), "--out", str(dst), "--overwrite",
-                              "--max-shard-size", shard, "--quiet"], logs / f"export_{tag.name}.log"))
+        wait_quiet(max_wait)
+        cmd = [MOE_MERGE, "merge", str(tag), "--out", str(dst), "--overwrite",
+               "--max-shard-size", shard, "--quiet"]
+        times.append(measure(cmd, logs / f"export_{tag.name}.log"))
         subprocess.run([PY, CHILD, "add-architectures", str(dst)], check=True, env=env())
         dirs.append(dst)
     return dirs, times
@@ -184,7 +240,7 @@ def bench_n(run: Path, n: int, args, contenders: list[str], logs: Path) -> dict:
               "input_bytes": sum(r[2] for r in whole_files(tags)), "runs": {}, "check": {}}
     hf_dirs = []
     if "mergekit" in contenders:
-        hf_dirs, export = hf_exports(tags, args.max_shard_size, logs)
+        hf_dirs, export = hf_exports(tags, args.max_shard_size, logs, args.max_wait)
         result["hf_export"] = export
         mergekit_config(hf_dirs, work / "mergekit.yml")
     out = {c: work / c.replace(" --", "_").replace("-", "_") for c in contenders}
@@ -192,6 +248,8 @@ def bench_n(run: Path, n: int, args, contenders: list[str], logs: Path) -> dict:
     for rep in range(args.repeats):
         order = contenders if rep % 2 == 0 else contenders[::-1]
         for c in order:
+            if c == "ds_to_universal" and rep >= args.universal_repeats:
+                continue
             o = out[c]
             shutil.rmtree(o, ignore_errors=True) if o.is_dir() else o.unlink(missing_ok=True)
             log = logs / f"n{n}_r{rep}_{o.name}.log"
@@ -215,12 +273,15 @@ def bench_n(run: Path, n: int, args, contenders: list[str], logs: Path) -> dict:
                 warm(whole_files(hf_dirs))
                 cmd = [str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(work / "mergekit.yml"),
                        str(o), "--quiet"]
+            quiet = wait_quiet(args.max_wait)
             m = measure(cmd, log)
+            m["busy_before"] = quiet
             if c == "floor":
                 m.update(json.loads(log.read_text().strip().splitlines()[-1]))
             result["runs"].setdefault(c, []).append(m)
             print(f"  N={n:<2} repeat {rep}  {c:22s} {m['wall_s']:7.2f} s  "
-                  f"peak RSS {m['maxrss_mib']:7.0f} MiB  (anon {m['anon_peak_mib']:.0f})", flush=True)
+                  f"peak RSS {m['maxrss_mib']:7.0f} MiB  (anon {m['anon_peak_mib']:.0f})  "
+                  f"other load {m['other_cores']:.2f} cores", flush=True)
             if c == "ds_to_universal":
                 shutil.rmtree(work / "universal_tmp", ignore_errors=True)
             if rep == 0 and c not in ("floor", "moe-merge"):
@@ -255,9 +316,11 @@ def table(res: dict) -> str:
         lines.append(f"| {c} | {med:.2f} | {walls} | "
                      f"{med / floor:.1f} | {max(r['maxrss_mib'] for r in rs):.0f} | "
                      f"{max(r['anon_peak_mib'] for r in rs):.0f} | {diff} |")
+    other = max(r["other_cores"] for rs in runs.values() for r in rs)
+    lines.append(f"\nother processes used at most {other:.2f} cores during any timed run")
     if "hf_export" in res:
         ex = res["hf_export"]
-        lines.append(f"\nmergekit's input: {len(ex)} HF exports (`moe-merge merge TAG`), "
+        lines.append(f"mergekit's input: {len(ex)} HF exports (`moe-merge merge TAG`), "
                      f"{statistics.median(e['wall_s'] for e in ex):.2f} s each (median), "
                      f"{sum(e['wall_s'] for e in ex):.1f} s in all, not in the mergekit row")
     return "\n".join(lines)
@@ -292,6 +355,22 @@ def goals(results: list[dict], shard_bytes: int) -> str:
     return "\n".join(lines)
 
 
+def source_state() -> dict:
+    """The moe-merge code measured: git commit, uncommitted changes, a hash of moe_merge/*.py."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((REPO / "moe_merge").rglob("*.py")):
+        h.update(f.read_bytes())
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
+
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(),
+            "moe_merge_dirty": bool(git("status", "--porcelain", "moe_merge").strip()),
+            "moe_merge_sha256": h.hexdigest()[:16]}
+
+
 def machine() -> dict:
     mem = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
@@ -307,33 +386,53 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-shard-size", default="200MB")
     ap.add_argument("--only", default=None,
-                    help=f"comma-separated subset of: {', '.join(CONTENDERS)} (moe-merge is always run)")
+                    help=f"comma-separated subset of: {', '.join(CONTENDERS)} "
+                         "(floor and moe-merge always run)")
+    ap.add_argument("--universal-repeats", type=int, default=1,
+                    help="repeats of ds_to_universal, the slowest contender by far (default 1)")
+    ap.add_argument("--max-wait", type=float, default=900,
+                    help="seconds to wait, before each timed run, for other processes to leave "
+                         "the CPU (< 0.25 cores busy)")
     ap.add_argument("--json", default=str(OUT / "merge_bench.json"))
     args = ap.parse_args()
     ns = [int(x) for x in args.n.split(",")]
     if any(not 1 <= n <= STEPS for n in ns):
         ap.error(f"--n: each N must be in 1..{STEPS}")
-    contenders = CONTENDERS if args.only is None else [
-        c for c in CONTENDERS if c == "moe-merge" or c in args.only.split(",")]
+    contenders = list(CONTENDERS) if args.only is None else [
+        c for c in CONTENDERS if c in ("floor", "moe-merge") or c in args.only.split(",")]
     if "mergekit" in contenders and not (MERGEKIT_VENV / "bin" / "mergekit-yaml").exists():
         print(f"mergekit left out: no {MERGEKIT_VENV}; create it with\n  python3 -m venv "
               f"{MERGEKIT_VENV} && {MERGEKIT_VENV}/bin/pip install -c launch/constraints.txt "
               "torch==2.13.0 mergekit==0.1.5", flush=True)
         contenders.remove("mergekit")
-    sys.path.insert(0, str(REPO))
-    from moe_merge.merge.writer import parse_size
-
-    shard_bytes = parse_size(args.max_shard_size)
+    shard_bytes = int(subprocess.run(  # moe-merge's own reading of the size, torch kept out of here
+        [PY, "-c", "import sys; from moe_merge.merge.writer import parse_size; "
+         "print(parse_size(sys.argv[1]))", args.max_shard_size],
+        check=True, capture_output=True, text=True, env=env()).stdout)
     run = ensure_run()
     logs = OUT / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    # Untimed: fills moe-merge's cache of the HF model's tensor names (~/.cache/moe-merge; the
+    # first merge of a model imports transformers to build it) and warms the interpreter's files.
+    warmup = OUT / "warmup_merge"
+    measure([MOE_MERGE, "merge", str(run / "checkpoints" / f"global_step{STEPS}"), "--out",
+             str(warmup), "--overwrite", "--quiet", "--no-verify"], logs / "warmup.log")
+    shutil.rmtree(warmup, ignore_errors=True)
+    src = source_state()
     results = [bench_n(run, n, args, contenders, logs) for n in ns]
+    src_end = source_state()
+    if src_end != src:
+        print(f"WARNING: moe_merge/ changed during the run ({src} -> {src_end}): the moe-merge "
+              "rows mix two versions; run again", flush=True)
     report = "\n\n".join(table(r) for r in results) + "\n\n" + goals(results, shard_bytes)
     info = machine()
-    print(f"\n{info['nproc']} cores ({info['cpu']}), {info['mem_gib']} GiB; run "
-          f"{run.relative_to(REPO)}; --max-shard-size {args.max_shard_size}; median of "
-          f"{args.repeats}\n\n{report}")
-    Path(args.json).write_text(json.dumps({"machine": info, "command": sys.argv,
+    print(f"\n{info['nproc']} cores ({info['cpu']}), {info['mem_gib']} GiB; moe-merge at "
+          f"{src['commit']}{' + uncommitted changes' if src['moe_merge_dirty'] else ''} "
+          f"(moe_merge/*.py sha256 {src['moe_merge_sha256']}); run {run.relative_to(REPO)}; "
+          f"--max-shard-size {args.max_shard_size}; median of {args.repeats} "
+          f"(ds_to_universal: {args.universal_repeats})\n\n{report}")
+    Path(args.json).write_text(json.dumps({"machine": info, "source": src,
+                                           "source_at_end": src_end, "command": sys.argv,
                                            "max_shard_size": args.max_shard_size,
                                            "results": results}, indent=1) + "\n")
     print(f"\nraw results: {args.json}")
