@@ -22,15 +22,17 @@ Each contender is one child process: wall time from start to exit; peak RSS = ru
 GNU time reports it (the largest of the process and its descendants, not their sum; it counts
 the touched pages of mmapped files); the peak anonymous memory of its process tree (RssAnon
 summed over the tree, sampled every 0.1 s: heap and tensors, no file pages); and the CPU that
-other processes used meanwhile. Inputs are in the page cache for everyone: before each timed run
-the files (for the floor and moe-merge: the byte ranges) that the contender reads are read once,
-untimed. The machine may be shared, so each timed run waits (up to --max-wait s) until other
+other processes used meanwhile. Each contender runs in two page-cache states (--cache): hot, the
+files (for the floor and moe-merge: the byte ranges) that it reads were read once beforehand,
+untimed; and cold, its input files were evicted from the page cache (posix_fadvise DONTNEED), so
+it reads them from disk, as a merge of checkpoints written hours before does. The machine may be shared, so each timed run waits (up to --max-wait s) until other
 processes use < 0.25 cores. Contenders alternate within a repeat, in reversed order on odd
 repeats; ds_to_universal, 10-20x slower than the rest, runs --universal-repeats times (1). On the
 first repeat every output is compared with moe-merge's (max |difference| after the AutoEP -> HF
 name map), and the moe_merge/ sources are hashed before and after the run.
 
     .venv/bin/python bench/merge_bench.py [--n 4,10] [--repeats 2] [--max-shard-size 200MB]
+                                          [--cache hot,cold]
 """
 
 from __future__ import annotations
@@ -180,6 +182,18 @@ def warm(ranges: list[tuple[str, int, int]]) -> None:
             os.close(fd)
 
 
+def evict(ranges: list[tuple[str, int, int]]) -> None:
+    """Drop files from the page cache (POSIX_FADV_DONTNEED: clean pages no process maps), so
+    that the next run reads them from disk, as a merge of checkpoints written hours ago does."""
+    os.sync()
+    for path in sorted({r[0] for r in ranges}):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def whole_files(dirs: list[Path]) -> list[tuple[str, int, int]]:
     return [(str(p), 0, p.stat().st_size)
             for d in dirs for p in sorted(d.rglob("*")) if p.is_file()]
@@ -247,111 +261,134 @@ def bench_n(run: Path, n: int, args, contenders: list[str], logs: Path) -> dict:
     ref = out["moe-merge"]
     for rep in range(args.repeats):
         order = contenders if rep % 2 == 0 else contenders[::-1]
-        for c in order:
-            if c == "ds_to_universal" and rep >= args.universal_repeats:
-                continue
-            o = out[c]
-            shutil.rmtree(o, ignore_errors=True) if o.is_dir() else o.unlink(missing_ok=True)
-            log = logs / f"n{n}_r{rep}_{o.name}.log"
-            if c == "floor":
-                warm(plan_ranges)
-                cmd = [sys.executable, CHILD, "floor", str(plan_file)]
-            elif c.startswith("moe-merge"):
-                warm(plan_ranges)
-                cmd = [MOE_MERGE, "merge", str(run), "--last", str(n), "--out", str(o),
-                       "--max-shard-size", args.max_shard_size, "--quiet", *c.split()[1:]]
-            elif c == "naive":
-                warm(whole_files(tags))
-                cmd = [PY, CHILD, "naive", str(o), *map(str, tags)]
-            elif c == "ds_to_universal":
-                warm(whole_files(tags))
-                uw = work / "universal_tmp"
-                shutil.rmtree(uw, ignore_errors=True)
-                uw.mkdir()
-                cmd = [PY, CHILD, "universal", str(o), str(uw), *map(str, tags)]
-            else:
-                warm(whole_files(hf_dirs))
-                cmd = [str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(work / "mergekit.yml"),
-                       str(o), "--quiet"]
-            quiet = wait_quiet(args.max_wait)
-            m = measure(cmd, log)
-            m["busy_before"] = quiet
-            if c == "floor":
-                m.update(json.loads(log.read_text().strip().splitlines()[-1]))
-            result["runs"].setdefault(c, []).append(m)
-            print(f"  N={n:<2} repeat {rep}  {c:22s} {m['wall_s']:7.2f} s  "
-                  f"peak RSS {m['maxrss_mib']:7.0f} MiB  (anon {m['anon_peak_mib']:.0f})  "
-                  f"other load {m['other_cores']:.2f} cores", flush=True)
-            if c == "ds_to_universal":
-                shutil.rmtree(work / "universal_tmp", ignore_errors=True)
-            if rep == 0 and c not in ("floor", "moe-merge"):
-                kind = "hf" if c.startswith("moe-merge") or c == "mergekit" else "ckpt"
-                chk = subprocess.run([PY, CHILD, "check", str(ref), str(tags[-1]), kind, str(o)],
-                                     check=True, env=env(), capture_output=True, text=True)
-                result["check"][c] = json.loads(chk.stdout.strip().splitlines()[-1])
-                print(f"      max |{c} - moe-merge| = {result['check'][c]['max_abs_diff']:.3g}"
-                      f" (largest |weight| {result['check'][c]['max_abs_value']:.3g})", flush=True)
-            if c != "moe-merge":
+        for cache in args.cache:
+            for c in order:
+                if c == "ds_to_universal" and (rep >= args.universal_repeats or cache == "cold"):
+                    continue
+                o = out[c]
+                key = c if cache == "hot" else f"{c} [cold]"
                 shutil.rmtree(o, ignore_errors=True) if o.is_dir() else o.unlink(missing_ok=True)
+                log = logs / f"n{n}_r{rep}_{cache}_{o.name}.log"
+                prepare = warm if cache == "hot" else evict
+                if c == "floor":
+                    prepare(plan_ranges)
+                    cmd = [sys.executable, CHILD, "floor", str(plan_file)]
+                elif c.startswith("moe-merge"):
+                    prepare(plan_ranges if cache == "hot" else whole_files([run / "hf", *tags]))
+                    cmd = [MOE_MERGE, "merge", str(run), "--last", str(n), "--out", str(o),
+                           "--max-shard-size", args.max_shard_size, "--quiet", *c.split()[1:]]
+                elif c == "naive":
+                    prepare(whole_files(tags))
+                    cmd = [PY, CHILD, "naive", str(o), *map(str, tags)]
+                elif c == "ds_to_universal":
+                    prepare(whole_files(tags))
+                    uw = work / "universal_tmp"
+                    shutil.rmtree(uw, ignore_errors=True)
+                    uw.mkdir()
+                    cmd = [PY, CHILD, "universal", str(o), str(uw), *map(str, tags)]
+                else:
+                    prepare(whole_files(hf_dirs))
+                    cmd = [str(MERGEKIT_VENV / "bin" / "mergekit-yaml"), str(work / "mergekit.yml"),
+                           str(o), "--quiet"]
+                quiet = wait_quiet(args.max_wait)
+                m = measure(cmd, log)
+                m["busy_before"] = quiet
+                if c == "floor":
+                    m.update(json.loads(log.read_text().strip().splitlines()[-1]))
+                result["runs"].setdefault(key, []).append(m)
+                print(f"  N={n:<2} repeat {rep}  {key:29s} {m['wall_s']:7.2f} s  "
+                      f"peak RSS {m['maxrss_mib']:7.0f} MiB  (anon {m['anon_peak_mib']:.0f})  "
+                      f"other load {m['other_cores']:.2f} cores", flush=True)
+                if c == "ds_to_universal":
+                    shutil.rmtree(work / "universal_tmp", ignore_errors=True)
+                if rep == 0 and cache == args.cache[0] and c not in ("floor", "moe-merge"):
+                    kind = "hf" if c.startswith("moe-merge") or c == "mergekit" else "ckpt"
+                    chk = subprocess.run([PY, CHILD, "check", str(ref), str(tags[-1]), kind, str(o)],
+                                         check=True, env=env(), capture_output=True, text=True)
+                    result["check"][c] = json.loads(chk.stdout.strip().splitlines()[-1])
+                    print(f"      max |{c} - moe-merge| = {result['check'][c]['max_abs_diff']:.3g}"
+                          f" (largest |weight| {result['check'][c]['max_abs_value']:.3g})", flush=True)
+                if c != "moe-merge":
+                    shutil.rmtree(o, ignore_errors=True) if o.is_dir() else o.unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     return result
 
 
 # ---- report ------------------------------------------------------------------------------
+MODES = {"hot": "", "cold": " [cold]"}  # page-cache state -> suffix of the contender's key
+
+
+def _mode_runs(res: dict, mode: str) -> dict[str, list[dict]]:
+    """The runs of one page-cache mode, keyed by contender name."""
+    sfx = MODES[mode]
+    return {k[:len(k) - len(sfx)] if sfx else k: v for k, v in res["runs"].items()
+            if (k.endswith(sfx) if sfx else not k.endswith("]"))}
+
+
 def table(res: dict) -> str:
-    runs = res["runs"]
-    floor = statistics.median(r["wall_s"] for r in runs["floor"])
-    lines = [f"N = {res['n']} ({', '.join(res['tags'][:1] + ['...'] + res['tags'][-1:])}): "
-             f"{res['floor_bytes'] / 1e9:.2f} GB of fp32 master records to read "
-             f"({res['input_bytes'] / 1e9:.1f} GB on disk); floor read rate "
-             f"{statistics.median(r['read_bytes'] / r['read_s'] for r in runs['floor']) / 1e9:.1f}"
-             " GB/s", "",
-             "| contender | wall s (median) | runs | × floor | peak RSS MiB | peak anon MiB "
-             "| max abs diff vs moe-merge |", "|---|---|---|---|---|---|---|"]
-    for c, rs in runs.items():
-        med = statistics.median(r["wall_s"] for r in rs)
-        diff = res["check"].get(c, {}).get("max_abs_diff")
-        diff = "reference" if c == "moe-merge" else "-" if diff is None else f"{diff:.2g}"
-        walls = ", ".join(f"{r['wall_s']:.2f}" for r in rs)
-        lines.append(f"| {c} | {med:.2f} | {walls} | "
-                     f"{med / floor:.1f} | {max(r['maxrss_mib'] for r in rs):.0f} | "
-                     f"{max(r['anon_peak_mib'] for r in rs):.0f} | {diff} |")
-    other = max(r["other_cores"] for rs in runs.values() for r in rs)
-    lines.append(f"\nother processes used at most {other:.2f} cores during any timed run")
+    out = []
+    for mode in MODES:
+        runs = _mode_runs(res, mode)
+        if "floor" not in runs:
+            continue
+        floor = statistics.median(r["wall_s"] for r in runs["floor"])
+        rate = statistics.median(r["read_bytes"] / r["read_s"] for r in runs["floor"]) / 1e9
+        lines = [f"N = {res['n']} ({', '.join(res['tags'][:1] + ['...'] + res['tags'][-1:])}), "
+                 f"{'inputs in the page cache' if mode == 'hot' else 'inputs evicted from the page cache (read from disk)'}"
+                 f": {res['floor_bytes'] / 1e9:.2f} GB of fp32 master records to read "
+                 f"({res['input_bytes'] / 1e9:.1f} GB on disk); floor read rate {rate:.1f} GB/s", "",
+                 "| contender | wall s (median) | runs | × floor | peak RSS MiB | peak anon MiB "
+                 "| max abs diff vs moe-merge |", "|---|---|---|---|---|---|---|"]
+        for c, rs in runs.items():
+            med = statistics.median(r["wall_s"] for r in rs)
+            diff = res["check"].get(c, {}).get("max_abs_diff")
+            diff = "reference" if c == "moe-merge" else "-" if diff is None else f"{diff:.2g}"
+            walls = ", ".join(f"{r['wall_s']:.2f}" for r in rs)
+            lines.append(f"| {c} | {med:.2f} | {walls} | "
+                         f"{med / floor:.1f} | {max(r['maxrss_mib'] for r in rs):.0f} | "
+                         f"{max(r['anon_peak_mib'] for r in rs):.0f} | {diff} |")
+        out.append("\n".join(lines))
+    other = max(r["other_cores"] for rs in res["runs"].values() for r in rs)
+    out.append(f"other processes used at most {other:.2f} cores during any timed run")
     if "hf_export" in res:
         ex = res["hf_export"]
-        lines.append(f"mergekit's input: {len(ex)} HF exports (`moe-merge merge TAG`), "
-                     f"{statistics.median(e['wall_s'] for e in ex):.2f} s each (median), "
-                     f"{sum(e['wall_s'] for e in ex):.1f} s in all, not in the mergekit row")
-    return "\n".join(lines)
+        out.append(f"mergekit's input: {len(ex)} HF exports (`moe-merge merge TAG`), "
+                   f"{statistics.median(e['wall_s'] for e in ex):.2f} s each (median), "
+                   f"{sum(e['wall_s'] for e in ex):.1f} s in all, not in the mergekit row")
+    return "\n\n".join(out)
 
 
 def goals(results: list[dict], shard_bytes: int) -> str:
     lines = []
-    for res in results:
-        med = {c: statistics.median(r["wall_s"] for r in rs) for c, rs in res["runs"].items()}
-        a = med["moe-merge"]
-        rss = max(r["maxrss_mib"] for r in res["runs"]["moe-merge"])
-        limit = shard_bytes / MIB + 512
-        n = res["n"]
-        if "floor" in med:
-            lines.append(f"N={n}: moe-merge / floor = {a / med['floor']:.1f} (goal <= 1.5): "
-                         f"{'met' if a <= 1.5 * med['floor'] else 'NOT met'}")
-        for c, goal in (("ds_to_universal", 5), ("mergekit", 2)):
-            if c in med:
-                lines.append(f"N={n}: {c} / moe-merge = {med[c] / a:.1f} (goal >= {goal}): "
-                             f"{'met' if med[c] >= goal * a else 'NOT met'}")
-        lines.append(f"N={n}: moe-merge peak RSS {rss:.0f} MiB (goal <= {limit:.0f} MiB = "
-                     f"--max-shard-size + 512 MiB): {'met' if rss <= limit else 'NOT met'}")
-    if len(results) >= 2 and all("floor" in r["runs"] for r in results):
-        lo, hi = results[0], results[-1]
-        db = hi["floor_bytes"] - lo["floor_bytes"]
-        for c in ("floor", "moe-merge", "moe-merge --no-verify"):
-            if c in lo["runs"]:
-                dt = (statistics.median(r["wall_s"] for r in hi["runs"][c])
-                      - statistics.median(r["wall_s"] for r in lo["runs"][c]))
-                lines.append(f"marginal rate of {c} (N={lo['n']} -> N={hi['n']}): "
-                             f"{db / dt / 1e9:.2f} GB/s of fp32 master bytes per process")
+    for mode in MODES:
+        for res in results:
+            runs = _mode_runs(res, mode)
+            if "moe-merge" not in runs:
+                continue
+            med = {c: statistics.median(r["wall_s"] for r in rs) for c, rs in runs.items()}
+            a = med["moe-merge"]
+            rss = max(r["maxrss_mib"] for r in runs["moe-merge"])
+            limit = shard_bytes / MIB + 512
+            n = f"N={res['n']} {mode}:"
+            if "floor" in med:
+                lines.append(f"{n} moe-merge / floor = {a / med['floor']:.1f} (goal <= 1.5): "
+                             f"{'met' if a <= 1.5 * med['floor'] else 'NOT met'}")
+            for c, goal in (("ds_to_universal", 5), ("mergekit", 2)):
+                if c in med:
+                    lines.append(f"{n} {c} / moe-merge = {med[c] / a:.1f} (goal >= {goal}): "
+                                 f"{'met' if med[c] >= goal * a else 'NOT met'}")
+            lines.append(f"{n} moe-merge peak RSS {rss:.0f} MiB (goal <= {limit:.0f} MiB = "
+                         f"--max-shard-size + 512 MiB): {'met' if rss <= limit else 'NOT met'}")
+        modal = [_mode_runs(r, mode) for r in results]
+        if len(results) >= 2 and all("floor" in m for m in modal):
+            lo, hi = results[0], results[-1]
+            db = hi["floor_bytes"] - lo["floor_bytes"]
+            for c in ("floor", "moe-merge", "moe-merge --no-verify"):
+                if c in modal[0] and c in modal[-1]:
+                    dt = (statistics.median(r["wall_s"] for r in modal[-1][c])
+                          - statistics.median(r["wall_s"] for r in modal[0][c]))
+                    lines.append(f"{mode}: marginal rate of {c} (N={lo['n']} -> N={hi['n']}): "
+                                 f"{db / dt / 1e9:.2f} GB/s of fp32 master bytes")
     return "\n".join(lines)
 
 
@@ -393,9 +430,16 @@ def main() -> None:
     ap.add_argument("--max-wait", type=float, default=900,
                     help="seconds to wait, before each timed run, for other processes to leave "
                          "the CPU (< 0.25 cores busy)")
+    ap.add_argument("--cache", default="hot,cold",
+                    help="page-cache state of the inputs before each timed run: hot (read once "
+                         "beforehand), cold (evicted, read from disk), or both (default; "
+                         "ds_to_universal runs hot only)")
     ap.add_argument("--json", default=str(OUT / "merge_bench.json"))
     args = ap.parse_args()
     ns = [int(x) for x in args.n.split(",")]
+    args.cache = [m.strip() for m in args.cache.split(",")]
+    if not args.cache or any(m not in MODES for m in args.cache):
+        ap.error("--cache: hot, cold or hot,cold")
     if any(not 1 <= n <= STEPS for n in ns):
         ap.error(f"--n: each N must be in 1..{STEPS}")
     contenders = list(CONTENDERS) if args.only is None else [
