@@ -160,6 +160,25 @@ class LoggingConfig:
 
 
 @dataclass
+class PMAMonitorConfig:
+    enabled: bool = False
+    """At every checkpoint, merge the latest checkpoints in memory, evaluate the merged weights
+    on the fixed validation batches and log pma/val_loss: the predicted annealed loss."""
+    strategy: str = "sma"
+    """sma, wma or ema (PAPER.md)."""
+    n: int = 4
+    """Checkpoints merged (the paper's N)."""
+    interval: int = 1
+    """Merge every k-th checkpoint: the merge interval V is k x checkpoint.every_tokens."""
+    alpha: float = 0.2
+    """EMA coefficient (strategy ema)."""
+    min_n: int = 0
+    """Start logging once this many checkpoints are in the window; 0: only full windows of n."""
+    val_batches: int = 0
+    """Validation batches per merged evaluation; 0: logging.val_batches."""
+
+
+@dataclass
 class TrainConfig:
     max_tokens: float = 1e6
     """Token budget of the run (the step count is max_tokens / tokens per step)."""
@@ -190,6 +209,7 @@ class RecipeConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    pma_monitor: PMAMonitorConfig = field(default_factory=PMAMonitorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -335,6 +355,21 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
     _require(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     _require(cfg.logging.val_every >= 0, "logging.val_every", "must be >= 0")
     _require(cfg.logging.val_batches >= 1, "logging.val_batches", "must be >= 1")
+    pm = cfg.pma_monitor
+    if pm.enabled:
+        _require(pm.strategy in ("sma", "wma", "ema"), "pma_monitor.strategy",
+                 f"'{pm.strategy}' is not one of sma, wma, ema")
+        _require(pm.n >= 2, "pma_monitor.n", f"must be >= 2, got {pm.n}")
+        _require(pm.interval >= 1, "pma_monitor.interval", f"must be >= 1, got {pm.interval}")
+        _require(0.0 < pm.alpha <= 1.0, "pma_monitor.alpha", f"must be in (0, 1], got {pm.alpha}")
+        _require(0 <= pm.min_n <= pm.n and pm.min_n != 1, "pma_monitor.min_n",
+                 f"must be 0 or in 2..pma_monitor.n={pm.n}, got {pm.min_n}")
+        _require(pm.val_batches >= 0, "pma_monitor.val_batches", "must be >= 0")
+        _require(c.every_tokens > 0, "pma_monitor.enabled",
+                 "the monitor merges checkpoints: set checkpoint.every_tokens")
+        _require(p.zero_stage <= 2, "pma_monitor.enabled",
+                 "the live monitor needs parallel.zero_stage <= 2 (ZeRO-3 ranks hold no full "
+                 "module weights); merge ZeRO-3 runs offline with moe-merge merge")
 
 
 def check_world_size(cfg: RecipeConfig, world_size: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.engine.monitor.write_events([(k, v, step) for k, v in scalars.items()])
-        record: dict[str, Any] = {"step": step, **scalars}
+        record: dict[str, Any] = {"step": step, "time": round(time.time(), 3), **scalars}
         if event:
             record["event"] = event
         with open(self.path, "a") as fh:

@@ -24,6 +24,7 @@ from moe_merge.distributed import dist_env, init_distributed
 from moe_merge.ds_config import build_ds_config
 from moe_merge.model import build_model, hf_config
 from moe_merge.monitor import MetricsLogger, expert_load_stats
+from moe_merge.pma_monitor import PMAMonitor
 from moe_merge.schedule import Schedule
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ class Trainer:
         self.load_counters = [m.tokens_per_expert for m in self.engine.module.modules()
                               if isinstance(getattr(m, "tokens_per_expert", None), torch.Tensor)]
         self.metrics = MetricsLogger(self.run_dir, self.engine, enabled=self.rank == 0)
+        self.pma = (PMAMonitor(self.engine.module, cfg.pma_monitor)
+                    if cfg.pma_monitor.enabled else None)
         self.step = 0
         self._restore()
 
@@ -190,10 +193,14 @@ class Trainer:
         return StepStats(lm_sum / self.grad_accum, aux_sum / self.grad_accum)
 
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self, batches: int = 0) -> float:
+        """Mean LM loss over the fixed validation batches (the first ``batches`` of them, all
+        if 0), each rank evaluating its share."""
         self.engine.eval()
         mb = self.cfg.parallel.micro_batch
         mine = self.val_windows.reshape(-1, self.world, mb, self.val_windows.shape[-1])[:, self.rank]
+        if batches:
+            mine = mine[:-(-batches // self.world)]
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for window in mine:
             lm_loss, _ = self._forward_loss(torch.from_numpy(window).to(self.device), False)
@@ -278,6 +285,14 @@ class Trainer:
                                         "val/ppl": float(torch.tensor(val_loss).exp())})
             if save_now:
                 self.save(step, last_loss, val_loss if val_now else None)
+                if self.pma is not None:
+                    self.pma.snapshot(step)
+                    pma = self.pma.evaluate(
+                        lambda: self.validate(self.cfg.pma_monitor.val_batches))
+                    if pma is not None:
+                        if val_now:
+                            pma["pma/val_gap"] = val_loss - pma["pma/val_loss"]
+                        self.metrics.log(step, pma)
             if bar is not None:
                 bar.update(1)
         if bar is not None:

@@ -8,7 +8,8 @@ from conftest import PY, REPO, run_cli
 from moe_merge.config import load_recipe
 from moe_merge.model import count_params
 
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if not p.name.startswith("study_"))
+STUDIES = sorted((REPO / "recipes").rglob("study_*.yaml"))
 
 
 def test_recipes_exist():
@@ -23,6 +24,17 @@ def test_recipe_dry_runs(recipe):
     out = proc.stdout
     assert "# resolved recipe" in out and '"train_batch_size"' in out
     assert "active/token" in out and "checkpoints" in out
+
+
+@pytest.mark.parametrize("recipe", STUDIES, ids=lambda p: p.name)
+def test_study_recipes_load(recipe):
+    from moe_merge.evals.anneal_study import fork_steps, load_study
+
+    cfg, st, train_yaml = load_study(recipe)
+    assert "\nstudy:" not in train_yaml and cfg.schedule.decay_tokens == 0
+    forks = fork_steps(cfg, st)
+    assert len(forks) == st.forks and forks[-1] == cfg.total_steps
+    assert all(f % cfg.checkpoint_every_steps == 0 for f in forks)
 
 
 def test_tiny_moe_parameter_counts():

@@ -38,6 +38,7 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 # Elements per accumulation chunk: 2 MiB of float64, which stays in a core's cache while every
 # input is added into it (whole-tensor passes run at memory speed, 3-7x slower here).
 CHUNK = 1 << 18
+PREFETCH_BYTES = 256 << 20  # read-ahead requested beyond the tensor being merged
 
 
 def _tag_filter(tags: Sequence[str | int] | None) -> list[int] | None:
@@ -187,6 +188,19 @@ def _accumulate_chunked(acc: torch.Tensor, segs: list[list[Segment]], weights: l
     return total
 
 
+def _prefetch(segs: list[list[Segment] | None]) -> int:
+    """Ask the kernel to start reading these byte ranges (POSIX_FADV_WILLNEED): a no-op for
+    pages already cached, asynchronous read-ahead for the rest. Returns their size."""
+    total = 0
+    for sg in segs:
+        for _, flat, where in sg or ():
+            nbytes = flat.numel() * flat.element_size()
+            total += nbytes
+            if where is not None and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(where[0], where[1], nbytes, os.POSIX_FADV_WILLNEED)
+    return total
+
+
 def _pread(fd: int, buf: memoryview, offset: int) -> None:
     done = 0
     while done < len(buf):
@@ -291,9 +305,19 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
             chunk_acc2 = torch.empty(min(CHUNK, most), dtype=torch.float64)
             acc_buf = stage_buf = None
             out_bufs = [] if fmt == "deepspeed" else [torch.empty(0), torch.empty(0)]
+            # Read-ahead: the kernel is asked for the bytes of the next tensors (up to
+            # PREFETCH_BYTES ahead) while this one is being added, so that reads from disk
+            # overlap the work instead of stalling it.
+            ahead = {}
+            ahead_bytes = fetched = 0
             for k, o in enumerate(outs):
                 n = torch.Size(o.shape).numel()
-                segs = [_out_segments(r, o, source) for r in readers]
+                while fetched < len(outs) and (fetched <= k or ahead_bytes < PREFETCH_BYTES):
+                    ahead[fetched] = [_out_segments(r, outs[fetched], source) for r in readers]
+                    ahead_bytes += _prefetch(ahead[fetched])
+                    fetched += 1
+                segs = ahead.pop(k)
+                ahead_bytes -= sum(f.numel() * f.element_size() for sg in segs for _, f, _ in sg or ())
                 direct = [(sg, wi) for sg, wi in zip(segs, w) if sg is not None]
                 gathered = [(r, wi) for sg, r, wi in zip(segs, readers, w) if sg is None]
                 acc = chunk_acc
@@ -381,3 +405,18 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
     echo(f"wrote {out} in {time.time() - t0:.1f} s ({len(sha)} shard(s), "
          f"{total_bytes / 1e6:.1f} MB)")
     return manifest
+
+
+def hf_state(tag_dir: str | Path, hf_dir: str | Path, source: str = "master"
+             ) -> dict[str, torch.Tensor]:
+    """One checkpoint tag as the HF model's state dict in memory (fp32, full logical tensors,
+    HF names): what ``merge([tag], fmt="hf")`` writes, without writing it. For studies that
+    merge and evaluate many combinations of the same small checkpoints."""
+    r = DSCheckpoint(tag_dir, verify=False)
+    try:
+        outs = hf_map(r.signature(), r.autoep_layers, r.preset)
+        expected, tied = hf_expected(Path(hf_dir))
+        outs = check_against_hf(outs, expected, tied, Path(hf_dir))
+        return {o.name: _read_out(r, o, source).reshape(o.shape).clone() for o in outs}
+    finally:
+        r.close()

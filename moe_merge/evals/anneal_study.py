@@ -1,0 +1,426 @@
+"""``moe-merge study anneal``: do merged constant-LR checkpoints predict annealing?
+
+For each seed: train a WSD trunk at constant LR after warmup, saving a checkpoint every
+``checkpoint.every_tokens``; at K fork points in the stable phase branch a real annealing run
+(``train.fork_from``, LR decayed over ``study.decay_tokens``); then, on the trunk's fixed
+validation batches, evaluate the latest checkpoint at each fork, the merges of the checkpoints
+before it (SMA, WMA, EMA 0.1, EMA 0.2), the annealed branch's end, the merged models along each
+branch (merge gain against LR), an ablation grid (interval V x window N x strategy) at the
+earliest and the latest fork, and a second predictor: the annealing law of Tissue et al. fitted
+to the trunk's curve plus one branch. Writes ``report.md``, ``results.json``, PNG plots and
+TensorBoard scalars into the study directory. Runs are launched with the deepspeed launcher and
+resumed if present, so an interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moe_merge.config import ConfigError, RecipeConfig, load_recipe
+from moe_merge.merge.strategies import strategy_weights
+from moe_merge.pma_monitor import window
+
+STRATEGIES = {"sma": ("sma", None), "wma": ("wma", None), "ema0.1": ("ema", 0.1),
+              "ema0.2": ("ema", 0.2)}
+# --quick: a model and run small enough for CI (a few minutes on 2 CPU cores).
+QUICK = {
+    "train": ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
+              "model.num_kv_heads=1", "model.head_dim=32", "model.moe_intermediate_size=64",
+              "model.num_experts=4", "data.seq_len=64", "parallel.micro_batch=2",
+              "parallel.global_batch=4", "schedule.warmup_tokens=512",
+              "checkpoint.every_tokens=256", "train.max_tokens=4096", "logging.log_every=2",
+              "logging.val_every=2", "logging.val_batches=2", "train.lr=3e-3"],
+    "study": ["study.seeds=[1]", "study.forks=2", "study.decay_tokens=1024", "study.n=3",
+              "study.interval=1", "study.grid_ns=[2,3]", "study.grid_intervals=[1,2]"],
+}
+
+
+@dataclass
+class AnnealStudyConfig:
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """Seeds of the trunk runs (the headline table gives mean and spread over them)."""
+    forks: int = 4
+    """Fork points K, evenly spaced over the stable phase (from where the headline window
+    first fits after warmup to the end of the trunk)."""
+    decay_tokens: float = 1.6384e5
+    """Length D of each annealing branch."""
+    decay_shape: str = "1-sqrt"
+    """LR decay of the branches: 1-sqrt, cosine or linear."""
+    n: int = 6
+    """Headline window: checkpoints merged (N)."""
+    interval: int = 2
+    """Headline interval V in checkpoints (V = interval x checkpoint.every_tokens)."""
+    grid_ns: list[int] = field(default_factory=lambda: [3, 6, 10, 15])
+    """Ablation grid: windows N."""
+    grid_intervals: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Ablation grid: intervals V, in checkpoints."""
+    grid_seeds: int = 1
+    """Run the ablation grid on the first k seeds."""
+    branch_val_points: int = 8
+    """Validation passes along each branch (the decayed part of the Tissue fit)."""
+
+
+def load_study(path: str | Path, overrides: list[str] = (), quick: bool = False
+               ) -> tuple[RecipeConfig, AnnealStudyConfig, str]:
+    """The training recipe (validated), the study settings, and the training recipe as YAML
+    (the study file minus its ``study`` section, with the training overrides applied)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    if quick:
+        overrides = [*QUICK["train"], *QUICK["study"], *overrides]
+    study_ov = [o for o in overrides if o.startswith("study.")]
+    train_ov = [o for o in overrides if not o.startswith("study.")]
+    raw = OmegaConf.load(path)
+    study_raw = raw.pop("study", None) or {}
+    try:
+        st = OmegaConf.merge(OmegaConf.structured(AnnealStudyConfig), study_raw,
+                             OmegaConf.from_dotlist([o[len("study."):] for o in study_ov]))
+        st = OmegaConf.to_object(st)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{path}: study section: "
+                          f"{f'key study.{key}: ' if key else ''}{str(e).splitlines()[0]}") from None
+    tmp = path.parent / f".{path.stem}.train.{time.time_ns()}.yaml"
+    try:
+        tmp.write_text(OmegaConf.to_yaml(raw))
+        cfg = load_recipe(tmp, train_ov)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace(str(tmp), str(path))) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _check(cfg, st, path)
+    from moe_merge.config import to_yaml
+
+    return cfg, st, to_yaml(cfg)
+
+
+def _check(cfg: RecipeConfig, st: AnnealStudyConfig, path: Path) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{path}: key '{key}': {msg}")
+
+    need(cfg.schedule.kind == "wsd" and cfg.schedule.decay_tokens == 0, "schedule.decay_tokens",
+         "the trunk must be WSD with constant LR after warmup (decay_tokens: 0)")
+    need(cfg.checkpoint.every_tokens > 0, "checkpoint.every_tokens",
+         "the study merges checkpoints: set an interval")
+    need(bool(st.seeds) and len(set(st.seeds)) == len(st.seeds), "study.seeds",
+         "need one or more distinct seeds")
+    need(st.forks >= 1, "study.forks", "must be >= 1")
+    need(st.n >= 2 and st.interval >= 1, "study.n", "need n >= 2 and interval >= 1")
+    need(st.decay_tokens >= cfg.tokens_per_step, "study.decay_tokens", "less than one step")
+    need(st.decay_shape in ("1-sqrt", "cosine", "linear"), "study.decay_shape",
+         "must be 1-sqrt, cosine or linear")
+    need(all(v >= 1 for v in st.grid_intervals) and all(k >= 2 for k in st.grid_ns),
+         "study.grid_ns", "grid windows need N >= 2 and intervals >= 1")
+    need(_first_fork(cfg, st) <= cfg.total_steps, "study.n", f"the headline window ({st.n} checkpoints every "
+         f"{st.interval}) does not fit in the stable phase of {cfg.total_steps} steps")
+
+
+def _first_fork(cfg: RecipeConfig, st: AnnealStudyConfig) -> int:
+    every = cfg.checkpoint_every_steps
+    warm = round(cfg.schedule.warmup_tokens / cfg.tokens_per_step)
+    return -(-max(warm, every) // every) * every + (st.n - 1) * st.interval * every
+
+
+def fork_steps(cfg: RecipeConfig, st: AnnealStudyConfig) -> list[int]:
+    """K checkpoint steps through the stable phase: the first where the headline window fits
+    without reaching into warmup, the last at the end of the trunk."""
+    every = cfg.checkpoint_every_steps
+    first = _first_fork(cfg, st)
+    last = cfg.total_steps // every * every
+    if st.forks == 1 or first >= last:
+        return [last]
+    return sorted({int(round((first + (last - first) * i / (st.forks - 1)) / every)) * every
+                   for i in range(st.forks)})
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN if either side is constant."""
+    def ranks(v):
+        v = np.asarray(v, dtype=np.float64)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=np.float64)
+        for val in np.unique(v):
+            tie = v == val
+            r[tie] = r[tie].mean()
+        return r
+
+    if len(x) != len(y) or len(x) < 2:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def mean_std(values: list[float]) -> dict:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(vals),
+            "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+class Evaluator:
+    """Loss of in-memory HF state dicts on the trunk's fixed validation batches."""
+
+    def __init__(self, cfg: RecipeConfig, hf_dir: Path):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from moe_merge.evals.loss import eval_windows
+
+        self.torch = torch
+        self.hf_dir = hf_dir
+        self.windows = eval_windows(cfg)
+        self.micro_batch = cfg.parallel.micro_batch
+        self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(hf_dir)),
+                                                      dtype=torch.float32)
+        self.states: dict[tuple[str, int], dict] = {}
+        self.evals = 0
+
+    def state(self, run: Path, step: int) -> dict:
+        key = (str(run), step)
+        if key not in self.states:
+            from moe_merge.merge.merger import hf_state
+
+            self.states[key] = hf_state(run / "checkpoints" / f"global_step{step}", self.hf_dir)
+        return self.states[key]
+
+    def merged(self, parts: list[tuple[Path, int]], weights: list[float]) -> dict:
+        torch = self.torch
+        states = [self.state(r, s) for r, s in parts]
+        out = {}
+        for name in states[0]:
+            acc = torch.zeros(states[0][name].shape, dtype=torch.float64)
+            for w, sd in zip(weights, states):
+                acc.add_(sd[name], alpha=w)
+            out[name] = acc.float()
+        return out
+
+    def loss(self, state: dict) -> float:
+        from moe_merge.evals.loss import loss_on
+
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or any(m for m in missing if not m.endswith("lm_head.weight")):
+            raise RuntimeError(f"state dict does not fit the model: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+        self.evals += 1
+        return loss_on(self.model, self.windows, self.micro_batch)[0]
+
+
+def _metrics(run: Path) -> list[dict]:
+    f = run / "metrics.jsonl"
+    return [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()] if f.exists() else []
+
+
+def _val_curve(run: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["val/loss"]) for m in _metrics(run) if "val/loss" in m]
+
+
+def _lrs(recipe_yaml: Path, overrides: list[str]) -> list[float]:
+    from moe_merge.schedule import Schedule
+
+    cfg = load_recipe(recipe_yaml, overrides)
+    sched = Schedule.from_recipe(cfg)
+    return [sched.lr_at(s) for s in range(sched.total_steps)]
+
+
+class AnnealStudy:
+    def __init__(self, recipe: str | Path, overrides: list[str], out: Path, quick: bool = False,
+                 echo=print):
+        self.cfg, self.st, train_yaml = load_study(recipe, overrides, quick)
+        self.out = Path(out)
+        self.echo = echo
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.recipe = self.out / "train_recipe.yaml"
+        if self.recipe.exists() and self.recipe.read_text() != train_yaml:
+            raise ConfigError(f"{self.recipe}: the study directory holds a study of another "
+                              "recipe; choose another --out or delete it")
+        self.recipe.write_text(train_yaml)
+        (self.out / "study.json").write_text(json.dumps(
+            {"recipe": str(recipe), "overrides": overrides, "quick": quick,
+             "study": asdict(self.st)}, indent=1) + "\n")
+        self.tps = self.cfg.tokens_per_step
+        self.every = self.cfg.checkpoint_every_steps
+        self.forks = fork_steps(self.cfg, self.st)
+        self.decay_steps = round(self.st.decay_tokens / self.tps)
+        self.warmup_steps = round(self.cfg.schedule.warmup_tokens / self.tps)
+
+    # ---- training ---------------------------------------------------------------------------
+    def _train(self, name: str, seed: int, extra: list[str], end: int) -> Path:
+        """Train (or resume) one run; a run whose final checkpoint exists is reused as is."""
+        from moe_merge import launching
+
+        run_root = self.out / f"seed{seed}"
+        run = run_root / name
+        if (run / "checkpoints" / f"global_step{end}" / "meta.json").is_file():
+            self.echo(f"  seed {seed}: {name} done before, reused")
+            return run
+        t = launching.train(self.recipe, [f"name={name}", f"output_dir={run_root}", f"seed={seed}",
+                                          "logging.progress=false", "train.resume=auto", *extra],
+                            run_root / "logs" / f"{name}.log", self.cfg.parallel.world_size)
+        self.echo(f"  seed {seed}: {name} trained ({t:.0f} s)")
+        return run
+
+    def _branch_overrides(self, trunk: Path, fork: int) -> list[str]:
+        end = fork + self.decay_steps
+        val_every = max(1, self.decay_steps // max(self.st.branch_val_points, 1))
+        return [f"train.fork_from={trunk / 'checkpoints' / f'global_step{fork}'}",
+                f"train.max_tokens={end * self.tps}", f"schedule.decay_tokens={self.decay_steps * self.tps}",
+                f"schedule.decay_shape={self.st.decay_shape}", f"logging.val_every={val_every}"]
+
+    # ---- one seed ---------------------------------------------------------------------------
+    def run_seed(self, seed: int, grid: bool) -> dict:
+        trunk = self._train("trunk", seed, [], self.cfg.total_steps)
+        branches = {f: self._train(f"anneal_{f}", seed, self._branch_overrides(trunk, f),
+                                   f + self.decay_steps) for f in self.forks}
+        ev = Evaluator(self.cfg, trunk / "hf")
+        t0 = time.perf_counter()
+        trunk_steps = sorted(int(p.name[len("global_step"):])
+                             for p in (trunk / "checkpoints").glob("global_step*"))
+        trunk_lrs = _lrs(self.recipe, [])
+        res = {"seed": seed, "forks": [], "grid": [], "gain_vs_lr": []}
+        for f in self.forks:
+            chosen = window([s for s in trunk_steps if s <= f], self.st.n, self.st.interval)
+            last = ev.loss(ev.state(trunk, f))
+            b = branches[f]
+            b_steps = sorted(int(p.name[len("global_step"):])
+                             for p in (b / "checkpoints").glob("global_step*"))
+            annealed = ev.loss(ev.state(b, b_steps[-1]))
+            row = {"fork_step": f, "fork_tokens": f * self.tps, "window": chosen,
+                   "latest": last, "annealed": annealed, "annealed_step": b_steps[-1],
+                   "merged": {}, "captured": {}, "abs_error": {}}
+            for label, (strategy, alpha) in STRATEGIES.items():
+                w = strategy_weights(strategy, len(chosen), alpha)
+                loss = ev.loss(ev.merged([(trunk, s) for s in chosen], w))
+                row["merged"][label] = loss
+                gain = last - annealed
+                row["captured"][label] = (last - loss) / gain if gain > 0 else None
+                row["abs_error"][label] = abs(loss - annealed)
+            res["forks"].append(row)
+            # merge gain along the branch: windows over trunk + branch checkpoints
+            b_lrs = _lrs(self.recipe, self._branch_overrides(trunk, f))
+            for c in [s for s in b_steps if s > f]:
+                pool = [(trunk, s) for s in trunk_steps if s <= f] + [(b, s) for s in b_steps
+                                                                      if f < s <= c]
+                steps = [s for _, s in pool]
+                pick = window(steps, self.st.n, self.st.interval)
+                parts = [p for p in pool if p[1] in pick]
+                merged = ev.loss(ev.merged(parts, strategy_weights("sma", len(parts))))
+                latest = ev.loss(ev.state(b, c))
+                res["gain_vs_lr"].append({"fork_step": f, "step": c, "lr": b_lrs[c - 1],
+                                          "latest": latest, "merged_sma": merged,
+                                          "gain": latest - merged})
+        if grid:
+            for f in sorted({self.forks[0], self.forks[-1]}):
+                avail = [s for s in trunk_steps if s <= f]
+                for v in self.st.grid_intervals:
+                    for n in self.st.grid_ns:
+                        pick = window(avail, n, v)
+                        cell = {"fork_step": f, "interval": v, "n": n, "fits": len(pick) == n,
+                                "reaches_warmup": bool(pick) and pick[0] <= self.warmup_steps,
+                                "latest": None, "merged": {}}
+                        if len(pick) == n:
+                            cell["latest"] = ev.loss(ev.state(trunk, f))
+                            for label, (strategy, alpha) in STRATEGIES.items():
+                                w = strategy_weights(strategy, n, alpha)
+                                cell["merged"][label] = ev.loss(
+                                    ev.merged([(trunk, s) for s in pick], w))
+                        res["grid"].append(cell)
+        res["tissue"] = self._tissue(trunk, branches, trunk_lrs, res)
+        pairs = [(row["merged"][k], row["annealed"]) for row in res["forks"] for k in STRATEGIES]
+        res["spearman_all"] = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+        res["spearman_sma_forks"] = spearman([r["merged"]["sma"] for r in res["forks"]],
+                                             [r["annealed"] for r in res["forks"]])
+        res["trunk_val"] = _val_curve(trunk)
+        res["branch_val"] = {str(f): _val_curve(b) for f, b in branches.items()}
+        res["eval_seconds"] = time.perf_counter() - t0
+        res["evaluations"] = ev.evals
+        self.echo(f"  seed {seed}: {ev.evals} evaluations in {res['eval_seconds']:.0f} s")
+        return res
+
+    def _tissue(self, trunk: Path, branches: dict[int, Path], trunk_lrs: list[float],
+                res: dict) -> dict:
+        """Fit the law on the trunk's curve + the earliest branch, predict every branch."""
+        from moe_merge.evals.scaling import fit, predict
+
+        fit_fork = self.forks[0]
+        curves = [(trunk_lrs, [s - 1 for s, _ in _val_curve(trunk)],
+                   [v for _, v in _val_curve(trunk)])]
+        b_curve = [(s, v) for s, v in _val_curve(branches[fit_fork]) if s > fit_fork]
+        fit_lrs = _lrs(self.recipe, self._branch_overrides(trunk, fit_fork))
+        curves.append((fit_lrs, [s - 1 for s, _ in b_curve], [v for _, v in b_curve]))
+        try:
+            params = fit(curves)
+        except ValueError as e:
+            return {"error": str(e)}
+        preds = {}
+        for row in res["forks"]:
+            f = row["fork_step"]
+            lrs = _lrs(self.recipe, self._branch_overrides(trunk, f))
+            p = float(predict(params, lrs, [row["annealed_step"] - 1])[0])
+            row["tissue"] = p
+            row["tissue_abs_error"] = abs(p - row["annealed"])
+            preds[str(f)] = p
+        return {"params": params.to_dict(), "fit_branch": fit_fork, "predictions": preds}
+
+    # ---- all seeds --------------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        self.echo(f"study anneal -> {self.out}: seeds {self.st.seeds}, forks at steps "
+                  f"{self.forks} (tokens {[f * self.tps for f in self.forks]}), branches of "
+                  f"{self.decay_steps} steps ({self.st.decay_shape})")
+        seeds = [self.run_seed(s, i < self.st.grid_seeds) for i, s in enumerate(self.st.seeds)]
+        results = {"study": asdict(self.st), "recipe": str(self.recipe),
+                   "tokens_per_step": self.tps, "checkpoint_every_steps": self.every,
+                   "fork_steps": self.forks, "seeds": seeds, "summary": summarize(seeds),
+                   "wall_seconds": None}
+        results["wall_seconds"] = time.perf_counter() - t0
+        from moe_merge.evals.anneal_report import write_report
+
+        write_report(self.out, results)
+        return results
+
+
+def summarize(seeds: list[dict]) -> dict:
+    """Mean and spread over seeds of the headline numbers."""
+    out: dict = {"captured": {}, "abs_error": {}, "beats_latest": {}}
+    for k in STRATEGIES:
+        out["captured"][k] = mean_std([r["captured"][k] for s in seeds for r in s["forks"]
+                                       if r["captured"][k] is not None])
+        out["abs_error"][k] = mean_std([r["abs_error"][k] for s in seeds for r in s["forks"]])
+        rows = [r for s in seeds for r in s["forks"]]
+        out["beats_latest"][k] = {"count": sum(r["merged"][k] < r["latest"] for r in rows),
+                                  "of": len(rows)}
+    out["tissue_abs_error"] = mean_std([r.get("tissue_abs_error") for s in seeds
+                                        for r in s["forks"]])
+    out["annealing_gain"] = mean_std([r["latest"] - r["annealed"] for s in seeds
+                                      for r in s["forks"]])
+    out["spearman_all"] = mean_std([s["spearman_all"] for s in seeds])
+    out["spearman_sma_forks"] = mean_std([s["spearman_sma_forks"] for s in seeds])
+    per_fork = {}
+    for i, f in enumerate(seeds[0]["forks"]):
+        rows = [s["forks"][i] for s in seeds]
+        per_fork[str(f["fork_step"])] = {
+            "latest": mean_std([r["latest"] for r in rows]),
+            "annealed": mean_std([r["annealed"] for r in rows]),
+            "tissue": mean_std([r.get("tissue") for r in rows]),
+            **{f"merged_{k}": mean_std([r["merged"][k] for r in rows]) for k in STRATEGIES},
+            **{f"captured_{k}": mean_std([r["captured"][k] for r in rows
+                                          if r["captured"][k] is not None]) for k in STRATEGIES},
+        }
+    out["per_fork"] = per_fork
+    return out

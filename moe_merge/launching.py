@@ -1,0 +1,49 @@
+"""Start a training run through the deepspeed launcher from Python (what launch/train.sh does):
+one rank per GPU with nccl, or ``parallel.world_size`` (default 2) CPU ranks with gloo."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class LaunchError(RuntimeError):
+    """A training launch that failed; the message names the log holding its output."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(recipe: str | Path, overrides: list[str], log: Path, world_size: int = 0) -> float:
+    """Run ``moe_merge.train RECIPE overrides`` on this node; its output goes to ``log``.
+    Returns the wall time in seconds; raises :class:`LaunchError` if it fails."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    env = dict(os.environ)
+    if gpus == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    n = world_size or gpus or 2
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher) if launcher.exists() else "deepspeed", "--num_gpus", str(n),
+           "--master_port", str(_free_port()), "--module", "moe_merge.train", str(recipe),
+           *overrides]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                              stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        tail = " | ".join(log.read_text().strip().splitlines()[-3:])[-400:]
+        raise LaunchError(f"training launch failed (exit {proc.returncode}), log {log}: {tail}")
+    return time.perf_counter() - t0

@@ -1,0 +1,105 @@
+"""The annealing study: its pure parts, and a --quick study end to end (2 seeds, real launches)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+
+from conftest import PY, REPO, run_cli
+from moe_merge.config import ConfigError, load_recipe
+from moe_merge.evals.anneal_report import _markdown
+from moe_merge.evals.anneal_study import (STRATEGIES, AnnealStudyConfig, fork_steps, load_study,
+                                          spearman, summarize)
+
+STUDY = REPO / "recipes" / "study_anneal_tiny.yaml"
+
+
+def test_spearman_matches_hand_ranks():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get average ranks: x ranks [0.5, 0.5, 2, 3], y ranks [0, 1, 2, 3]
+    assert spearman([5, 5, 6, 7], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_fork_points_start_where_the_window_fits_after_warmup():
+    cfg = load_recipe(REPO / "recipes" / "moe_tiny.yaml", ["checkpoint.every_tokens=2.048e4"])
+    st = AnnealStudyConfig(forks=4, n=6, interval=2)
+    # warmup 20 steps, a checkpoint every 5: first window 20, 30, ..., 70
+    assert fork_steps(cfg, st) == [70, 115, 155, 200]
+    assert fork_steps(cfg, AnnealStudyConfig(forks=1)) == [200]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("schedule.decay_tokens=4096", "schedule.decay_tokens"),
+    ("study.decay_shape=step", "study.decay_shape"),
+    ("study.seeds=[1,1]", "study.seeds"),
+    ("study.n=60", "study.n"),
+])
+def test_bad_study_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        load_study(STUDY, [override])
+
+
+def test_unknown_study_key_is_refused():
+    with pytest.raises(ConfigError, match="study"):
+        load_study(STUDY, ["study.nope=1"])
+
+
+@pytest.mark.distributed
+def test_quick_study_runs_end_to_end(tmp_path, data_cache):
+    out = tmp_path / "study"
+    proc = run_cli([PY, "-m", "moe_merge", "study", "anneal", str(STUDY), "--quick",
+                    "--out", str(out), f"data.cache_dir={data_cache}"], timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [s["seed"] for s in res["seeds"]] == [1]
+    assert res["fork_steps"] == [4, 16]
+    for s in res["seeds"]:
+        assert len(s["forks"]) == 2 and s["evaluations"] > 0
+        for row in s["forks"]:
+            for key in ("latest", "annealed", "tissue", "tissue_abs_error"):
+                assert math.isfinite(row[key]), key
+            assert set(row["merged"]) == set(STRATEGIES) == set(row["abs_error"])
+            assert all(math.isfinite(v) for v in row["merged"].values())
+            assert len(row["window"]) == 3 and row["window"][-1] == row["fork_step"]
+        assert s["gain_vs_lr"] and all(g["lr"] < 3e-3 for g in s["gain_vs_lr"])
+        assert "params" in s["tissue"] and math.isfinite(s["tissue"]["params"]["alpha"])
+        assert {"spearman_all", "spearman_sma_forks", "trunk_val", "branch_val"} <= set(s)
+    grid = res["seeds"][0]["grid"]
+    assert len(grid) == 2 * 2 * 2 and any(c["fits"] for c in grid)
+    summary = res["summary"]
+    for k in STRATEGIES:
+        assert summary["abs_error"][k]["n"] == 2
+    report = (out / "report.md").read_text()
+    assert "## Headline" in report and "## Ablation grid" in report
+    for png in ("loss_vs_tokens.png", "gain_vs_lr.png", "grid_heatmap.png"):
+        assert (out / png).stat().st_size > 1000
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    # the same command again reuses every run (all complete) and rewrites the same numbers
+    again = run_cli([PY, "-m", "moe_merge", "study", "anneal", str(STUDY), "--quick",
+                     "--out", str(out), f"data.cache_dir={data_cache}"], timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["seeds"][0]["forks"] == res["seeds"][0]["forks"]
+    # the spread over seeds: a second seed that is the first with every loss + 0.1 and its
+    # annealed losses + 0.2 (captured fractions change, absolute errors shift by 0.1)
+    two = copy.deepcopy(res["seeds"][0])
+    two["seed"] = 2
+    for row in two["forks"]:
+        row["latest"] += 0.1
+        row["annealed"] += 0.2
+        row["merged"] = {k: v + 0.1 for k, v in row["merged"].items()}
+        gain = row["latest"] - row["annealed"]
+        row["captured"] = {k: (row["latest"] - v) / gain if gain > 0 else None
+                           for k, v in row["merged"].items()}
+        row["abs_error"] = {k: abs(v - row["annealed"]) for k, v in row["merged"].items()}
+    s2 = summarize([res["seeds"][0], two])
+    fork = str(res["fork_steps"][0])
+    assert s2["per_fork"][fork]["latest"]["std"] == pytest.approx(0.1 / 2 ** 0.5)
+    assert s2["per_fork"][fork]["latest"]["n"] == 2 and s2["abs_error"]["sma"]["n"] == 4
+    md = _markdown({**res, "seeds": [res["seeds"][0], two], "summary": s2}, [])
+    assert "± " in md

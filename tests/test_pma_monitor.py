@@ -1,0 +1,58 @@
+"""The live PMA monitor: its window, its scalars, that it leaves training untouched, and that its
+in-process merge equals `moe-merge merge` + `moe-merge eval` of the same checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import read_metrics, train_losses
+from moe_merge.config import ConfigError, load_recipe
+from moe_merge.pma_monitor import PMA_SCALARS, window
+
+MOE_RECIPE = "recipes/moe_tiny.yaml"
+
+
+def test_window_takes_every_kth_checkpoint_back_from_the_newest():
+    steps = [20, 40, 60, 80, 100, 120, 140]
+    assert window(steps, 3, 1) == [100, 120, 140]
+    assert window(steps, 3, 2) == [60, 100, 140]
+    assert window(steps, 10, 3) == [20, 80, 140]
+    assert window([20], 4, 1) == [20]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("pma_monitor.n=1", "pma_monitor.n"),
+    ("pma_monitor.strategy=median", "pma_monitor.strategy"),
+    ("pma_monitor.interval=0", "pma_monitor.interval"),
+    ("pma_monitor.min_n=1", "pma_monitor.min_n"),
+    ("parallel.zero_stage=3", "pma_monitor.enabled"),
+    ("checkpoint.every_tokens=0", "pma_monitor.enabled"),
+])
+def test_bad_monitor_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        load_recipe(MOE_RECIPE, ["pma_monitor.enabled=true", override])
+
+
+@pytest.mark.distributed
+def test_monitor_logs_the_merged_loss_and_leaves_training_untouched(trained, tmp_path):
+    from test_train_distributed import tb_tags
+
+    from moe_merge.evals.loss import evaluate
+    from moe_merge.merge.merger import merge
+
+    run, plain = trained("moe_pma_z2"), trained("moe_z2")
+    assert train_losses(run) == train_losses(plain)  # bit for bit: the weights are restored
+    metrics = read_metrics(run)
+    pma = {m["step"]: m for m in metrics if "pma/val_loss" in m}
+    assert sorted(pma) == [6, 8]  # checkpoints 2, 4, 6, 8; full windows of 3 from step 6
+    assert pma[8]["pma/n"] == 3 and pma[8]["pma/first_step"] == 4
+    val8 = next(m["val/loss"] for m in metrics if m["step"] == 8 and "val/loss" in m)
+    assert pma[8]["pma/val_gap"] == pytest.approx(val8 - pma[8]["pma/val_loss"], abs=1e-12)
+    assert "pma/val_gap" not in pma[6]  # no validation at step 6 (val_every=4)
+    scalars, _ = tb_tags(run / "tb")
+    assert set(PMA_SCALARS) <= scalars, set(PMA_SCALARS) - scalars
+    for step in (6, 8):  # the offline merge of the same checkpoints, evaluated on the same batches
+        out = tmp_path / f"merged{step}"
+        merge([run], out, tags=[f"global_step{s}" for s in (step - 4, step - 2, step)],
+              progress=False)
+        assert evaluate(out)["loss"] == pytest.approx(pma[step]["pma/val_loss"], rel=1e-5)
