@@ -78,7 +78,7 @@ def main() -> None:
           "|---|---|---|---|---|")
     for k, rs in runs.items():
         print(f"| {k} | {med[k]['wall_s']:.1f} | {med[k]['loop_s']:.1f} | {med[k]['pma_s']:.1f} | "
-              f"{', '.join(f'{r['wall_s']:.1f}' for r in rs)} |")
+              f"{', '.join(format(r['wall_s'], '.1f') for r in rs)} |")
     dw = med["monitor on"]["wall_s"] / med["monitor off"]["wall_s"] - 1
     dl = med["monitor on"]["loop_s"] / med["monitor off"]["loop_s"] - 1
     own = med["monitor on"]["pma_s"] / med["monitor on"]["wall_s"]

@@ -29,8 +29,10 @@ def test_fork_points_start_where_the_window_fits_after_warmup():
     cfg = load_recipe(REPO / "recipes" / "moe_tiny.yaml", ["checkpoint.every_tokens=2.048e4"])
     st = AnnealStudyConfig(forks=4, n=6, interval=2)
     # warmup 20 steps, a checkpoint every 5: first window 20, 30, ..., 70
-    assert fork_steps(cfg, st) == [70, 115, 155, 200]
-    assert fork_steps(cfg, AnnealStudyConfig(forks=1)) == [200]
+    # ... the last one branch (40 steps) before the end of the 200-step trunk
+    assert fork_steps(cfg, st) == [70, 100, 130, 160]
+    assert fork_steps(cfg, AnnealStudyConfig(forks=1)) == [160]
+    assert fork_steps(cfg, AnnealStudyConfig(fork_steps=[100, 50])) == [50, 100]
 
 
 @pytest.mark.parametrize("override, key", [
@@ -38,6 +40,7 @@ def test_fork_points_start_where_the_window_fits_after_warmup():
     ("study.decay_shape=step", "study.decay_shape"),
     ("study.seeds=[1,1]", "study.seeds"),
     ("study.n=60", "study.n"),
+    ("study.fork_steps=[190]", "study.fork_steps"),
 ])
 def test_bad_study_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"key '{key}'"):
@@ -57,7 +60,7 @@ def test_quick_study_runs_end_to_end(tmp_path, data_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert [s["seed"] for s in res["seeds"]] == [1]
-    assert res["fork_steps"] == [4, 16]
+    assert res["fork_steps"] == [4, 12]
     for s in res["seeds"]:
         assert len(s["forks"]) == 2 and s["evaluations"] > 0
         for row in s["forks"]:
@@ -65,7 +68,8 @@ def test_quick_study_runs_end_to_end(tmp_path, data_cache):
                 assert math.isfinite(row[key]), key
             assert set(row["merged"]) == set(STRATEGIES) == set(row["abs_error"])
             assert all(math.isfinite(v) for v in row["merged"].values())
-            assert len(row["window"]) == 3 and row["window"][-1] == row["fork_step"]
+            assert row["step"] == row["fork_step"] + 4 == row["annealed_step"]
+            assert len(row["window"]) == 3 and row["window"][-1] == row["step"]
         assert s["gain_vs_lr"] and all(g["lr"] < 3e-3 for g in s["gain_vs_lr"])
         assert "params" in s["tissue"] and math.isfinite(s["tissue"]["params"]["alpha"])
         assert {"spearman_all", "spearman_sma_forks", "trunk_val", "branch_val"} <= set(s)

@@ -43,14 +43,17 @@ def _markdown(res: dict, plots: list[str]) -> str:
         f"{res['fork_steps']}; each annealing branch decays the LR over "
         f"{round(st['decay_tokens'] / tps)} steps ({st['decay_shape']}). Headline merges: the "
         f"latest N = {st['n']} checkpoints, every {st['interval']}-th (V = "
-        f"{st['interval'] * res['checkpoint_every_steps']} steps). All losses on the trunk's fixed "
-        f"validation batches; mean ± standard deviation over seeds.", "",
+        f"{st['interval'] * res['checkpoint_every_steps']} steps). Each branch is compared with "
+        "the trunk at the branch's last step (same tokens): *latest* is the trunk's checkpoint "
+        "there, *merged* the merge of the trunk's checkpoints up to there, *annealed* the "
+        "branch's end. All losses on the trunk's fixed validation batches; mean ± standard "
+        "deviation over seeds.", "",
         "## Headline", "",
-        "| fork step | latest | annealed | " + " | ".join(f"merged {k}" for k in STRATS)
+        "| fork → step | latest | annealed | " + " | ".join(f"merged {k}" for k in STRATS)
         + " | Tissue prediction |",
         "|---|---|---|" + "---|" * len(STRATS) + "---|"]
     for f, row in s["per_fork"].items():
-        lines.append(f"| {f} | {_ms(row['latest'])} | {_ms(row['annealed'])} | "
+        lines.append(f"| {f} → {row['step']} | {_ms(row['latest'])} | {_ms(row['annealed'])} | "
                      + " | ".join(_ms(row[f"merged_{k}"]) for k in STRATS)
                      + f" | {_ms(row['tissue'])} |")
     lines += ["", "Fraction of the annealing gain captured by merging, "
@@ -73,7 +76,7 @@ def _markdown(res: dict, plots: list[str]) -> str:
                   "Merged loss minus the latest checkpoint's (negative: merging helps); "
                   "`-` the window does not fit in the run; `w` it reaches into warmup.", ""]
         for f in sorted({c["fork_step"] for c in grid}):
-            lines += [f"Fork step {f}:", "", "| V (ckpts) | N | " + " | ".join(STRATS) + " |",
+            lines += [f"Windows ending at step {f}:", "", "| V (ckpts) | N | " + " | ".join(STRATS) + " |",
                       "|---|---|" + "---|" * len(STRATS)]
             for c in [c for c in grid if c["fork_step"] == f]:
                 cells = [("-" if not c["fits"] else
@@ -82,7 +85,10 @@ def _markdown(res: dict, plots: list[str]) -> str:
                 lines.append(f"| {c['interval']} | {c['n']} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    lines += [f"Study wall time {res['wall_seconds'] / 60:.1f} min.", ""]
+    lines += [f"Study wall time {res['wall_seconds'] / 60:.1f} min: "
+              f"{res.get('runs_trained', 0)} runs trained in this invocation "
+              f"({res.get('train_seconds', 0) / 60:.1f} min), {res.get('runs_reused', 0)} "
+              "reused from an earlier one.", ""]
     return "\n".join(lines)
 
 
@@ -103,8 +109,9 @@ def _plots(out: Path, res: dict) -> list[str]:
         ax.plot([s * tps for s, _ in pts], [v for _, v in pts], color="tab:red",
                 label="annealed branches" if i == 0 else None)
     for k in STRATS:
-        ax.scatter([r["fork_tokens"] for r in seed0["forks"]], [r["merged"][k] for r in seed0["forks"]],
-                   color=COLORS[k], marker="o", s=25, label=f"merged {k} (at the fork)", zorder=3)
+        ax.scatter([r["tokens"] for r in seed0["forks"]], [r["merged"][k] for r in seed0["forks"]],
+                   color=COLORS[k], marker="o", s=25, label=f"merged {k} (trunk checkpoints)",
+                   zorder=3)
     ax.scatter([r["annealed_step"] * tps for r in seed0["forks"] if "tissue" in r],
                [r["tissue"] for r in seed0["forks"] if "tissue" in r], marker="x", color="black",
                label="Tissue prediction", zorder=3)
@@ -155,13 +162,14 @@ def _plots(out: Path, res: dict) -> list[str]:
                 ax.set_yticks(range(len(vs)), [str(v) for v in vs])
                 ax.set_xlabel("N")
                 ax.set_ylabel("V (checkpoints)")
-                ax.set_title(f"{k}, fork {f}", fontsize=9)
+                ax.set_title(f"{k}, step {f}", fontsize=9)
                 for a in range(len(vs)):
                     for b in range(len(ns)):
                         if math.isfinite(m[a, b]):
                             ax.text(b, a, f"{m[a, b]:+.3f}", ha="center", va="center", fontsize=7)
                 fig.colorbar(im, ax=ax, fraction=0.046)
-        fig.suptitle("merged − latest validation loss (blue: merging helps)")
+        fig.suptitle("merged − latest validation loss (blue: merging helps); windows ending at "
+                     "the step shown")
         fig.tight_layout()
         fig.savefig(out / "grid_heatmap.png", dpi=110)
         plt.close(fig)
@@ -176,7 +184,7 @@ def _tensorboard(out: Path, res: dict) -> None:
     try:
         for s in res["seeds"]:
             for r in s["forks"]:
-                step = r["fork_tokens"]
+                step = r["tokens"]
                 w.add_scalar(f"seed{s['seed']}/latest", r["latest"], step)
                 w.add_scalar(f"seed{s['seed']}/annealed", r["annealed"], step)
                 for k in STRATS:

@@ -47,8 +47,10 @@ class AnnealStudyConfig:
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """Seeds of the trunk runs (the headline table gives mean and spread over them)."""
     forks: int = 4
-    """Fork points K, evenly spaced over the stable phase (from where the headline window
-    first fits after warmup to the end of the trunk)."""
+    """Fork points K, evenly spaced over the stable phase: from where the headline window first
+    fits after warmup to decay_tokens before the end of the trunk."""
+    fork_steps: list[int] = field(default_factory=list)
+    """Explicit fork steps (checkpoint steps) instead of ``forks`` evenly spaced ones."""
     decay_tokens: float = 1.6384e5
     """Length D of each annealing branch."""
     decay_shape: str = "1-sqrt"
@@ -123,8 +125,14 @@ def _check(cfg: RecipeConfig, st: AnnealStudyConfig, path: Path) -> None:
          "must be 1-sqrt, cosine or linear")
     need(all(v >= 1 for v in st.grid_intervals) and all(k >= 2 for k in st.grid_ns),
          "study.grid_ns", "grid windows need N >= 2 and intervals >= 1")
-    need(_first_fork(cfg, st) <= cfg.total_steps, "study.n", f"the headline window ({st.n} checkpoints every "
-         f"{st.interval}) does not fit in the stable phase of {cfg.total_steps} steps")
+    decay = round(st.decay_tokens / cfg.tokens_per_step)
+    need(_first_fork(cfg, st) + decay <= cfg.total_steps, "study.n",
+         f"the headline window ({st.n} checkpoints every {st.interval}) plus one branch of "
+         f"{decay} steps does not fit in the trunk's {cfg.total_steps} steps")
+    for f in st.fork_steps:
+        need(f % cfg.checkpoint_every_steps == 0 and 0 < f and f + decay <= cfg.total_steps,
+             "study.fork_steps", f"{f} is not a checkpoint step with {decay} steps of trunk "
+             "after it")
 
 
 def _first_fork(cfg: RecipeConfig, st: AnnealStudyConfig) -> int:
@@ -135,10 +143,13 @@ def _first_fork(cfg: RecipeConfig, st: AnnealStudyConfig) -> int:
 
 def fork_steps(cfg: RecipeConfig, st: AnnealStudyConfig) -> list[int]:
     """K checkpoint steps through the stable phase: the first where the headline window fits
-    without reaching into warmup, the last at the end of the trunk."""
+    without reaching into warmup, the last one branch length (decay_tokens) before the end of
+    the trunk, so that every branch is compared with the trunk at the same step."""
+    if st.fork_steps:
+        return sorted(st.fork_steps)
     every = cfg.checkpoint_every_steps
     first = _first_fork(cfg, st)
-    last = cfg.total_steps // every * every
+    last = (cfg.total_steps - round(st.decay_tokens / cfg.tokens_per_step)) // every * every
     if st.forks == 1 or first >= last:
         return [last]
     return sorted({int(round((first + (last - first) * i / (st.forks - 1)) / every)) * every
@@ -258,6 +269,8 @@ class AnnealStudy:
         self.forks = fork_steps(self.cfg, self.st)
         self.decay_steps = round(self.st.decay_tokens / self.tps)
         self.warmup_steps = round(self.cfg.schedule.warmup_tokens / self.tps)
+        self.trained = self.reused = 0
+        self.train_seconds = 0.0
 
     # ---- training ---------------------------------------------------------------------------
     def _train(self, name: str, seed: int, extra: list[str], end: int) -> Path:
@@ -268,11 +281,14 @@ class AnnealStudy:
         run = run_root / name
         if (run / "checkpoints" / f"global_step{end}" / "meta.json").is_file():
             self.echo(f"  seed {seed}: {name} done before, reused")
+            self.reused += 1
             return run
         t = launching.train(self.recipe, [f"name={name}", f"output_dir={run_root}", f"seed={seed}",
                                           "logging.progress=false", "train.resume=auto", *extra],
                             run_root / "logs" / f"{name}.log", self.cfg.parallel.world_size)
         self.echo(f"  seed {seed}: {name} trained ({t:.0f} s)")
+        self.trained += 1
+        self.train_seconds += t
         return run
 
     def _branch_overrides(self, trunk: Path, fork: int) -> list[str]:
@@ -294,15 +310,17 @@ class AnnealStudy:
         trunk_lrs = _lrs(self.recipe, [])
         res = {"seed": seed, "forks": [], "grid": [], "gain_vs_lr": []}
         for f in self.forks:
-            chosen = window([s for s in trunk_steps if s <= f], self.st.n, self.st.interval)
-            last = ev.loss(ev.state(trunk, f))
             b = branches[f]
             b_steps = sorted(int(p.name[len("global_step"):])
                              for p in (b / "checkpoints").glob("global_step*"))
-            annealed = ev.loss(ev.state(b, b_steps[-1]))
-            row = {"fork_step": f, "fork_tokens": f * self.tps, "window": chosen,
-                   "latest": last, "annealed": annealed, "annealed_step": b_steps[-1],
-                   "merged": {}, "captured": {}, "abs_error": {}}
+            end = b_steps[-1]  # the branch's end: compared with the trunk at the same step
+            chosen = window([s for s in trunk_steps if s <= end], self.st.n, self.st.interval)
+            last = ev.loss(ev.state(trunk, end))
+            annealed = ev.loss(ev.state(b, end))
+            row = {"fork_step": f, "fork_tokens": f * self.tps, "step": end,
+                   "tokens": end * self.tps, "window": chosen, "latest_at_fork":
+                   ev.loss(ev.state(trunk, f)), "latest": last, "annealed": annealed,
+                   "annealed_step": end, "merged": {}, "captured": {}, "abs_error": {}}
             for label, (strategy, alpha) in STRATEGIES.items():
                 w = strategy_weights(strategy, len(chosen), alpha)
                 loss = ev.loss(ev.merged([(trunk, s) for s in chosen], w))
@@ -324,8 +342,8 @@ class AnnealStudy:
                 res["gain_vs_lr"].append({"fork_step": f, "step": c, "lr": b_lrs[c - 1],
                                           "latest": latest, "merged_sma": merged,
                                           "gain": latest - merged})
-        if grid:
-            for f in sorted({self.forks[0], self.forks[-1]}):
+        if grid:  # windows ending at the earliest and the latest comparison step
+            for f in sorted({r["step"] for r in (res["forks"][0], res["forks"][-1])}):
                 avail = [s for s in trunk_steps if s <= f]
                 for v in self.st.grid_intervals:
                     for n in self.st.grid_ns:
@@ -354,12 +372,13 @@ class AnnealStudy:
 
     def _tissue(self, trunk: Path, branches: dict[int, Path], trunk_lrs: list[float],
                 res: dict) -> dict:
-        """Fit the law on the trunk's curve + the earliest branch, predict every branch."""
+        """Fit the law on the constant-LR part of the trunk's curve (after warmup) plus the
+        earliest branch, and predict the end of every branch."""
         from moe_merge.evals.scaling import fit, predict
 
         fit_fork = self.forks[0]
-        curves = [(trunk_lrs, [s - 1 for s, _ in _val_curve(trunk)],
-                   [v for _, v in _val_curve(trunk)])]
+        stable = [(s, v) for s, v in _val_curve(trunk) if s > self.warmup_steps]
+        curves = [(trunk_lrs, [s - 1 for s, _ in stable], [v for _, v in stable])]
         b_curve = [(s, v) for s, v in _val_curve(branches[fit_fork]) if s > fit_fork]
         fit_lrs = _lrs(self.recipe, self._branch_overrides(trunk, fit_fork))
         curves.append((fit_lrs, [s - 1 for s, _ in b_curve], [v for _, v in b_curve]))
@@ -389,6 +408,8 @@ class AnnealStudy:
                    "fork_steps": self.forks, "seeds": seeds, "summary": summarize(seeds),
                    "wall_seconds": None}
         results["wall_seconds"] = time.perf_counter() - t0
+        results["runs_trained"], results["runs_reused"] = self.trained, self.reused
+        results["train_seconds"] = self.train_seconds
         from moe_merge.evals.anneal_report import write_report
 
         write_report(self.out, results)
@@ -415,6 +436,7 @@ def summarize(seeds: list[dict]) -> dict:
     for i, f in enumerate(seeds[0]["forks"]):
         rows = [s["forks"][i] for s in seeds]
         per_fork[str(f["fork_step"])] = {
+            "step": f["step"],
             "latest": mean_std([r["latest"] for r in rows]),
             "annealed": mean_std([r["annealed"] for r in rows]),
             "tissue": mean_std([r.get("tissue") for r in rows]),

@@ -9,7 +9,7 @@ runs with known LR schedules; the fitted law then predicts the loss of any other
 an annealing branch from a fork point, without training it.
 
 The fit: for a fixed alpha the law is linear in (L0, A, C), so each alpha gets an exact least-
-squares solve; alpha itself is found by a grid over [1e-3, 3] (log-spaced) refined by golden-
+squares solve (with A, C >= 0); alpha itself is found by a grid over [1e-3, 3] (log-spaced) refined by golden-
 section search. No scipy needed, and no starting guess.
 """
 
@@ -61,10 +61,21 @@ def _design(s1: np.ndarray, s2: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def _solve(s1, s2, y, alpha) -> tuple[np.ndarray, float]:
+    """Least squares for (L0, A, C) at fixed alpha with A >= 0 and C >= 0 (the law's signs:
+    loss falls with the forward area and with annealing), by trying each active set."""
     X = _design(s1, s2, alpha)
-    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-    r = X @ coef - y
-    return coef, float(r @ r)
+    best, best_err = None, math.inf
+    for free in ((0, 1, 2), (0, 1), (0, 2), (0,)):
+        sub, *_ = np.linalg.lstsq(X[:, free], y, rcond=None)
+        coef = np.zeros(3)
+        coef[list(free)] = sub
+        if coef[1] < 0 or coef[2] < 0:
+            continue
+        r = X @ coef - y
+        err = float(r @ r)
+        if err < best_err:
+            best, best_err = coef, err
+    return best, best_err
 
 
 def fit(curves: Sequence[tuple[Sequence[float], Sequence[int], Sequence[float]]],
