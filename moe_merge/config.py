@@ -233,16 +233,19 @@ class RecipeConfig:
         return self.parallel.global_batch // (self.parallel.micro_batch * world_size)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
-    """Load and validate a recipe. Raises ConfigError naming the file and the offending key."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                data: Any = None) -> RecipeConfig:
+    """Load and validate a recipe. Raises ConfigError naming the file and the offending key.
+    ``data``: the recipe's contents already loaded from ``path`` (e.g. with a section removed)."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
     schema = OmegaConf.structured(RecipeConfig)
-    try:
-        data = OmegaConf.load(path)
-    except Exception as e:  # yaml scanner/parser errors
-        raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
+    if data is None:
+        try:
+            data = OmegaConf.load(path)
+        except Exception as e:  # yaml scanner/parser errors
+            raise ConfigError(f"{path}: not valid YAML: {_one_line(e)}") from None
     try:
         merged = OmegaConf.merge(schema, data)
     except OmegaConfBaseException as e:

@@ -39,7 +39,7 @@ def window(steps: list[int], n: int, interval: int) -> list[int]:
 class PMAMonitor:
     def __init__(self, module: torch.nn.Module, cfg: PMAMonitorConfig):
         self.cfg = cfg
-        self.params = [p for p in module.parameters()]
+        self.params = list(module.parameters())
         self.keep = (cfg.n - 1) * cfg.interval + 1
         self.snapshots: deque[tuple[int, list[torch.Tensor]]] = deque(maxlen=self.keep)
         self.min_n = cfg.min_n or cfg.n

@@ -78,6 +78,16 @@ def release(t: torch.Tensor) -> None:
         _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
+def pread_exact(fd: int, buf: memoryview, offset: int, path: Path | str) -> None:
+    """Fill ``buf`` from byte ``offset`` of the open file ``fd`` (``path``, for the error)."""
+    done = 0
+    while done < len(buf):
+        k = os.preadv(fd, [buf[done:]], offset + done)
+        if k <= 0:
+            raise CheckpointError(f"{path}: truncated (no data at byte {offset + done})")
+        done += k
+
+
 def _mappings(path: Path) -> list[tuple[int, int, int]]:
     """``(start, end, file offset)`` of this process's mappings of ``path``, from
     /proc/self/maps (empty off Linux)."""
@@ -93,13 +103,6 @@ def _mappings(path: Path) -> list[tuple[int, int, int]]:
     except OSError:
         return []
     return out
-
-
-def _file_offset(address: int, maps: list[tuple[int, int, int]]) -> int | None:
-    for lo, hi, off in maps:
-        if lo <= address < hi:
-            return address - lo + off
-    return None
 
 
 NATIVE_EXPERT_RE = re.compile(r"^(.*\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..+)$")
@@ -284,13 +287,7 @@ class DSCheckpoint:
             return t if out is None else out.copy_(t)
         if out is None:
             out = torch.empty(spec.shape, dtype=torch.float32)
-        want = math.prod(spec.local_shape)
-        for ep_rank, pieces in sorted(spec.pieces.items()):
-            ordered = [_for_state(p, state) for _, p in sorted(pieces, key=lambda t: t[0])]
-            have = sum(p.numel for p in ordered)
-            if have != want:
-                raise CheckpointError(f"{self.dir}: parameter {name} has {have} master "
-                                      f"elements on EP rank {ep_rank}, expected {want}")
+        for ep_rank, ordered in self._rank_pieces(spec, state):
             if spec.expert is None:
                 dest = out
             else:
@@ -315,25 +312,31 @@ class DSCheckpoint:
                 release(src)
         return out
 
-    def segments(self, name: str) -> list[tuple[int, torch.Tensor, tuple[int, int] | None]] | None:
+    def _rank_pieces(self, spec: ParamSpec, state: str = "fp32"):
+        """``(ep_rank, pieces in partition order)`` of ``spec``'s master values (or of an Adam
+        moment, same layout), each EP rank's pieces checked to cover its local tensor."""
+        want = math.prod(spec.local_shape)
+        for ep_rank, pieces in sorted(spec.pieces.items()):
+            ordered = [_for_state(p, state) for _, p in sorted(pieces, key=lambda t: t[0])]
+            have = sum(p.numel for p in ordered)
+            if have != want:
+                raise CheckpointError(f"{self.dir}: parameter {spec.name} has {have} master "
+                                      f"elements on EP rank {ep_rank}, expected {want}")
+            yield ep_rank, ordered
+
+    def segments(self, name: str) -> list[tuple[int, torch.Tensor, tuple[int, int, Path] | None]] | None:
         """Where the fp32 master values of ``name`` lie, without reading them: a list of
         ``(offset, flat, where)`` meaning "elements ``offset .. offset + flat.numel()`` of the
-        flattened logical tensor are the memory-mapped ``flat``, found in the file open as
-        ``where[0]`` at byte ``where[1]``" (``where`` is ``None`` if that is unknown), covering
+        flattened logical tensor are the memory-mapped ``flat``, found in the file ``where[2]``,
+        open as ``where[0]``, at byte ``where[1]``" (``where`` is ``None`` if that is unknown), covering
         the tensor in order. ``None`` when the layout is not a plain concatenation (no master
         weights, or an expert placement that is not contiguous): use :meth:`read` then."""
         spec = self.params[name]
         if not self.has_master:
             return None
-        want = math.prod(spec.local_shape)
         row = math.prod(spec.shape[1:]) if spec.shape else 1
         segs = []
-        for ep_rank, pieces in sorted(spec.pieces.items()):
-            ordered = [p for _, p in sorted(pieces, key=lambda t: t[0])]
-            have = sum(p.numel for p in ordered)
-            if have != want:
-                raise CheckpointError(f"{self.dir}: parameter {name} has {have} master "
-                                      f"elements on EP rank {ep_rank}, expected {want}")
+        for ep_rank, ordered in self._rank_pieces(spec):
             offset = 0
             if spec.expert is not None:
                 ids = spec.expert.placement[ep_rank]
@@ -348,18 +351,25 @@ class DSCheckpoint:
         segs.sort(key=lambda s: s[0])
         return segs
 
-    def _where(self, fname: str, flat: torch.Tensor) -> tuple[int, int] | None:
-        """(open file descriptor, byte offset) of the memory-mapped ``flat`` of ``fname``."""
+    def _where(self, fname: str, flat: torch.Tensor) -> tuple[int, int, Path] | None:
+        """(open file descriptor, byte offset, path) of the memory-mapped ``flat`` of ``fname``."""
         if flat.dtype != torch.float32 or not flat.is_contiguous():
             return None
-        if fname not in self._maps:
-            self._maps[fname] = _mappings(self.dir / fname)
-        offset = _file_offset(flat.data_ptr(), self._maps[fname])
+        offset = self._file_offset(fname, flat.data_ptr())
         if offset is None:
             return None
         if fname not in self._fds:
             self._fds[fname] = os.open(self.dir / fname, os.O_RDONLY)
-        return self._fds[fname], offset
+        return self._fds[fname], offset, self.dir / fname
+
+    def _file_offset(self, fname: str, address: int) -> int | None:
+        """Offset in ``fname`` of the byte mapped at ``address`` (its mappings read once)."""
+        if fname not in self._maps:
+            self._maps[fname] = _mappings(self.dir / fname)
+        for lo, hi, off in self._maps[fname]:
+            if lo <= address < hi:
+                return address - lo + off
+        return None
 
     def close(self) -> None:
         """Close the file descriptors :meth:`segments` opened (the mappings stay valid)."""
@@ -457,7 +467,7 @@ class DSCheckpoint:
         ``pread`` from the file rather than through the mapping, so that it neither faults the
         mapped pages in nor races the merge's release of them."""
         nbytes = raw.numel()
-        offset = _file_offset(raw.data_ptr(), _mappings(self.dir / fname))
+        offset = self._file_offset(fname, raw.data_ptr())
         info = self._record_at(fname, offset) if offset is not None else None
         if info is None or info.file_size != nbytes:  # mapping not found: CRC of the mapping
             crc = _crc32(raw.numpy())
@@ -467,17 +477,14 @@ class DSCheckpoint:
                 raise CheckpointError(f"{self.dir / fname}: a tensor record fails its CRC-32 "
                                       "check (corrupted file)")
             return
-        crc, done, buf = 0, 0, bytearray(min(nbytes, 1 << 20) or 1)
-        view = memoryview(buf)
+        crc, done, view = 0, 0, memoryview(bytearray(min(nbytes, 1 << 20) or 1))
         fd = os.open(self.dir / fname, os.O_RDONLY)
         try:
             while done < nbytes:
-                k = os.preadv(fd, [view[:min(len(buf), nbytes - done)]], offset + done)
-                if k <= 0:
-                    raise CheckpointError(f"{self.dir / fname}: record {info.filename} is "
-                                          "truncated")
-                crc = _crc32(view[:k], crc)  # releases the GIL: runs beside the averaging
-                done += k
+                part = view[:min(len(view), nbytes - done)]
+                pread_exact(fd, part, offset + done, self.dir / fname)
+                crc = _crc32(part, crc)  # releases the GIL: runs beside the averaging
+                done += len(part)
         finally:
             os.close(fd)
         if crc != info.CRC:

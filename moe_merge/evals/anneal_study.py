@@ -14,6 +14,7 @@ resumed if present, so an interrupted study continues where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -93,14 +94,7 @@ def load_study(path: str | Path, overrides: list[str] = (), quick: bool = False
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{path}: study section: "
                           f"{f'key study.{key}: ' if key else ''}{str(e).splitlines()[0]}") from None
-    tmp = path.parent / f".{path.stem}.train.{time.time_ns()}.yaml"
-    try:
-        tmp.write_text(OmegaConf.to_yaml(raw))
-        cfg = load_recipe(tmp, train_ov)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace(str(tmp), str(path))) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    cfg = load_recipe(path, train_ov, data=raw)
     _check(cfg, st, path)
     from moe_merge.config import to_yaml
 
@@ -241,12 +235,11 @@ def _val_curve(run: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["val/loss"]) for m in _metrics(run) if "val/loss" in m]
 
 
-def _lrs(recipe_yaml: Path, overrides: list[str]) -> list[float]:
-    from moe_merge.schedule import Schedule
+def _steps(run: Path) -> list[int]:
+    """Steps of the run's checkpoints, oldest first."""
+    from moe_merge.checkpointing import list_tags
 
-    cfg = load_recipe(recipe_yaml, overrides)
-    sched = Schedule.from_recipe(cfg)
-    return [sched.lr_at(s) for s in range(sched.total_steps)]
+    return [step for step, _ in list_tags(run / "checkpoints")]
 
 
 class AnnealStudy:
@@ -298,6 +291,18 @@ class AnnealStudy:
                 f"train.max_tokens={end * self.tps}", f"schedule.decay_tokens={self.decay_steps * self.tps}",
                 f"schedule.decay_shape={self.st.decay_shape}", f"logging.val_every={val_every}"]
 
+    def _lrs(self, fork: int | None = None) -> list[float]:
+        """The LR of every step of the trunk, or of the branch forked at step ``fork`` (the
+        schedule its ``_branch_overrides`` give it: the trunk's, decayed from ``fork``)."""
+        from moe_merge.schedule import Schedule
+
+        sched = Schedule.from_recipe(self.cfg)
+        if fork is not None:
+            sched = dataclasses.replace(sched, total_steps=fork + self.decay_steps,
+                                        decay_steps=self.decay_steps,
+                                        decay_shape=self.st.decay_shape)
+        return [sched.lr_at(s) for s in range(sched.total_steps)]
+
     # ---- one seed ---------------------------------------------------------------------------
     def run_seed(self, seed: int, grid: bool) -> dict:
         trunk = self._train("trunk", seed, [], self.cfg.total_steps)
@@ -305,14 +310,12 @@ class AnnealStudy:
                                    f + self.decay_steps) for f in self.forks}
         ev = Evaluator(self.cfg, trunk / "hf")
         t0 = time.perf_counter()
-        trunk_steps = sorted(int(p.name[len("global_step"):])
-                             for p in (trunk / "checkpoints").glob("global_step*"))
-        trunk_lrs = _lrs(self.recipe, [])
+        trunk_steps = _steps(trunk)
+        trunk_lrs = self._lrs()
         res = {"seed": seed, "forks": [], "grid": [], "gain_vs_lr": []}
         for f in self.forks:
             b = branches[f]
-            b_steps = sorted(int(p.name[len("global_step"):])
-                             for p in (b / "checkpoints").glob("global_step*"))
+            b_steps = _steps(b)
             end = b_steps[-1]  # the branch's end: compared with the trunk at the same step
             chosen = window([s for s in trunk_steps if s <= end], self.st.n, self.st.interval)
             last = ev.loss(ev.state(trunk, end))
@@ -330,7 +333,7 @@ class AnnealStudy:
                 row["abs_error"][label] = abs(loss - annealed)
             res["forks"].append(row)
             # merge gain along the branch: windows over trunk + branch checkpoints
-            b_lrs = _lrs(self.recipe, self._branch_overrides(trunk, f))
+            b_lrs = self._lrs(f)
             for c in [s for s in b_steps if s > f]:
                 pool = [(trunk, s) for s in trunk_steps if s <= f] + [(b, s) for s in b_steps
                                                                       if f < s <= c]
@@ -380,7 +383,7 @@ class AnnealStudy:
         stable = [(s, v) for s, v in _val_curve(trunk) if s > self.warmup_steps]
         curves = [(trunk_lrs, [s - 1 for s, _ in stable], [v for _, v in stable])]
         b_curve = [(s, v) for s, v in _val_curve(branches[fit_fork]) if s > fit_fork]
-        fit_lrs = _lrs(self.recipe, self._branch_overrides(trunk, fit_fork))
+        fit_lrs = self._lrs(fit_fork)
         curves.append((fit_lrs, [s - 1 for s, _ in b_curve], [v for _, v in b_curve]))
         try:
             params = fit(curves)
@@ -389,7 +392,7 @@ class AnnealStudy:
         preds = {}
         for row in res["forks"]:
             f = row["fork_step"]
-            lrs = _lrs(self.recipe, self._branch_overrides(trunk, f))
+            lrs = self._lrs(f)
             p = float(predict(params, lrs, [row["annealed_step"] - 1])[0])
             row["tissue"] = p
             row["tissue_abs_error"] = abs(p - row["annealed"])

@@ -25,7 +25,7 @@ import torch
 from moe_merge import __version__
 from moe_merge.checkpoint.discover import Tag, find_tags, hf_dir_for
 from moe_merge.checkpoint.names import OutTensor, check_against_hf, hf_expected, hf_map, identity_map
-from moe_merge.checkpoint.reader import DSCheckpoint, release
+from moe_merge.checkpoint.reader import DSCheckpoint, pread_exact, release
 from moe_merge.checkpoint.safe_load import CheckpointError
 from moe_merge.merge.strategies import MergeError, select, strategy_weights
 from moe_merge.merge.writer import ShardWriter, atomic_dir, check_target, parse_size, plan_shards
@@ -70,6 +70,14 @@ def plan(ckpts: Sequence[str | Path], strategy: str = "sma", alpha: float | None
     return chosen, strategy_weights(strategy, len(chosen), alpha, weights)
 
 
+def _hf_outs(r: DSCheckpoint, hf_dir: Path) -> list[OutTensor]:
+    """The HF model's tensors, made from ``r``'s: named, fused and checked against the model
+    that ``hf_dir``'s config builds."""
+    outs = hf_map(r.signature(), r.autoep_layers, r.preset)
+    expected, tied = hf_expected(hf_dir)
+    return check_against_hf(outs, expected, tied, hf_dir)
+
+
 def _check_compatible(readers: list[DSCheckpoint]) -> None:
     ref = readers[-1]
     want = ref.signature()
@@ -104,7 +112,7 @@ def _read_out(r: DSCheckpoint, o: OutTensor, source: str,
     return out
 
 
-Segment = tuple[int, torch.Tensor, "tuple[int, int] | None"]  # see DSCheckpoint.segments
+Segment = tuple[int, torch.Tensor, "tuple[int, int, Path] | None"]  # see DSCheckpoint.segments
 
 
 def _cut(segs: list[Segment], start: int, stop: int, base: int = 0) -> list[Segment]:
@@ -114,7 +122,8 @@ def _cut(segs: list[Segment], start: int, stop: int, base: int = 0) -> list[Segm
     for off, flat, where in segs:
         lo, hi = max(off, start), min(off + flat.numel(), stop)
         if lo < hi:
-            at = None if where is None else (where[0], where[1] + (lo - off) * flat.element_size())
+            at = None if where is None else (where[0], where[1] + (lo - off) * flat.element_size(),
+                                             where[2])
             out.append((base + lo - start, flat.narrow(0, lo - off, hi - lo), at))
     return out
 
@@ -180,7 +189,8 @@ def _accumulate_chunked(acc: torch.Tensor, segs: list[list[Segment]], weights: l
                     a.narrow(0, lo - c0, hi - lo).add_(src, alpha=w)
                     release(src)
                 else:
-                    _pread(where[0], stage_mem[:(hi - lo) * 4], where[1] + (lo - off) * 4)
+                    pread_exact(where[0], stage_mem[:(hi - lo) * 4], where[1] + (lo - off) * 4,
+                                where[2])
                     a.narrow(0, lo - c0, hi - lo).add_(stage[:hi - lo], alpha=w)
                 j += 1
         out.narrow(0, c0, c1 - c0).copy_(a)
@@ -199,15 +209,6 @@ def _prefetch(segs: list[list[Segment] | None]) -> int:
             if where is not None and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(where[0], where[1], nbytes, os.POSIX_FADV_WILLNEED)
     return total
-
-
-def _pread(fd: int, buf: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(buf):
-        k = os.preadv(fd, [buf[done:]], offset + done)
-        if k <= 0:
-            raise CheckpointError(f"unexpected end of file reading {len(buf)} bytes at {offset}")
-        done += k
 
 
 def _name_nonfinite(chosen: list[Tag], readers: list[DSCheckpoint], o: OutTensor,
@@ -262,9 +263,7 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
         if hf_dir is None:
             raise MergeError(f"{chosen[-1].path}: no hf/config.json in the run directory; pass "
                              "--hf-config DIR (a directory with the model's HF config.json)")
-        outs = hf_map(shapes, newest.autoep_layers, newest.preset)
-        expected, tied = hf_expected(hf_dir)
-        outs = check_against_hf(outs, expected, tied, hf_dir)
+        outs = _hf_outs(newest, hf_dir)
     else:
         outs = identity_map(shapes)
     if fmt == "deepspeed" and source != "master":
@@ -313,11 +312,12 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
             for k, o in enumerate(outs):
                 n = torch.Size(o.shape).numel()
                 while fetched < len(outs) and (fetched <= k or ahead_bytes < PREFETCH_BYTES):
-                    ahead[fetched] = [_out_segments(r, outs[fetched], source) for r in readers]
-                    ahead_bytes += _prefetch(ahead[fetched])
+                    upcoming = [_out_segments(r, outs[fetched], source) for r in readers]
+                    ahead[fetched] = (upcoming, _prefetch(upcoming))
+                    ahead_bytes += ahead[fetched][1]
                     fetched += 1
-                segs = ahead.pop(k)
-                ahead_bytes -= sum(f.numel() * f.element_size() for sg in segs for _, f, _ in sg or ())
+                segs, nbytes = ahead.pop(k)
+                ahead_bytes -= nbytes
                 direct = [(sg, wi) for sg, wi in zip(segs, w) if sg is not None]
                 gathered = [(r, wi) for sg, r, wi in zip(segs, readers, w) if sg is None]
                 acc = chunk_acc
@@ -414,9 +414,7 @@ def hf_state(tag_dir: str | Path, hf_dir: str | Path, source: str = "master"
     merge and evaluate many combinations of the same small checkpoints."""
     r = DSCheckpoint(tag_dir, verify=False)
     try:
-        outs = hf_map(r.signature(), r.autoep_layers, r.preset)
-        expected, tied = hf_expected(Path(hf_dir))
-        outs = check_against_hf(outs, expected, tied, Path(hf_dir))
-        return {o.name: _read_out(r, o, source).reshape(o.shape).clone() for o in outs}
+        return {o.name: _read_out(r, o, source).reshape(o.shape).clone()
+                for o in _hf_outs(r, Path(hf_dir))}
     finally:
         r.close()
