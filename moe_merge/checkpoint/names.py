@@ -20,8 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from moe_merge.checkpoint.safe_load import CheckpointError
 
 # AutoEP presets whose HF experts are one fused gate_up_proj and one down_proj.
@@ -126,6 +124,7 @@ def hf_expected(hf_dir: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
 
 
 def _hf_expected(hf_dir: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:

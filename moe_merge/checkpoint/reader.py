@@ -25,18 +25,17 @@ partitioned over the expert-data-parallel group of their expert-parallel rank; t
 placement in ``ds_autoep_layers`` says which global experts each EP rank holds. A full logical
 expert tensor is [E, ...] with row e the global expert e.
 
-Parameters are read one at a time from memory-mapped files: a merge touches only the fp32
-master records it needs, never the optimizer moments.
+Files are opened with :func:`moe_merge.checkpoint.safe_load.load` (no torch, no code run):
+their tensors are :class:`LazyTensor` records, and values are read with ``pread`` where they are
+needed. A merge touches only the fp32 master bytes it needs, never the optimizer moments; torch
+is imported only where a torch tensor is returned (:meth:`DSCheckpoint.read`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import re
-import sys
-import zipfile
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,9 +43,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from moe_merge.checkpoint.safe_load import CheckpointError, load
+from moe_merge.checkpoint.safe_load import CheckpointError, LazyTensor, Record, load, pread_exact
 
 try:  # Intel ISA-L's CRC-32: ~4x zlib's speed; same polynomial, same values
     from isal.isal_zlib import crc32 as _crc32
@@ -57,52 +54,6 @@ OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.
 ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 _CRC_POOL: ThreadPoolExecutor | None = None
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-_MADV_DONTNEED = 4
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def release(t: torch.Tensor) -> None:
-    """Drop the pages of a memory-mapped checkpoint tensor from this process's resident set.
-
-    Only for views of the read-only file mappings ``torch.load(mmap=True)`` makes: their pages
-    are clean copies of the file, still in the page cache, and a later access maps them again.
-    Without this, a merge's RSS grows by every byte it reads (N checkpoints' worth).
-    """
-    if _LIBC is None:
-        return
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE  # whole pages inside t only
-    if hi > lo:
-        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
-
-
-def pread_exact(fd: int, buf: memoryview, offset: int, path: Path | str) -> None:
-    """Fill ``buf`` from byte ``offset`` of the open file ``fd`` (``path``, for the error)."""
-    done = 0
-    while done < len(buf):
-        k = os.preadv(fd, [buf[done:]], offset + done)
-        if k <= 0:
-            raise CheckpointError(f"{path}: truncated (no data at byte {offset + done})")
-        done += k
-
-
-def _mappings(path: Path) -> list[tuple[int, int, int]]:
-    """``(start, end, file offset)`` of this process's mappings of ``path``, from
-    /proc/self/maps (empty off Linux)."""
-    out = []
-    try:
-        real = os.path.realpath(path)
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[5].rstrip("\n") == real:
-                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                    out.append((lo, hi, int(fields[2], 16)))
-    except OSError:
-        return []
-    return out
 
 
 NATIVE_EXPERT_RE = re.compile(r"^(.*\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..+)$")
@@ -167,6 +118,25 @@ def _natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
+def _check_crc(record: Record) -> None:
+    """Compare the CRC-32 of ``record``'s bytes, read with ``pread``, with the one its zip
+    entry holds."""
+    crc, done, nbytes = 0, 0, record.nbytes
+    view = memoryview(bytearray(min(nbytes, 1 << 20) or 1))
+    fd = os.open(record.path, os.O_RDONLY)
+    try:
+        while done < nbytes:
+            part = view[:min(len(view), nbytes - done)]
+            pread_exact(fd, part, record.offset + done, record.path)
+            crc = _crc32(part, crc)  # releases the GIL: runs beside the averaging
+            done += len(part)
+    finally:
+        os.close(fd)
+    if crc != record.crc:
+        raise CheckpointError(f"{record.path}: record {record.name} fails its CRC-32 check "
+                              "(corrupted file)")
+
+
 class DSCheckpoint:
     """One tag directory of a DeepSpeed checkpoint."""
 
@@ -181,10 +151,7 @@ class DSCheckpoint:
         self.verify_async = verify_async
         self._pending: list[Future] = []
         self._files: dict[str, dict] = {}
-        self._verified: set[tuple[str, str]] = set()
-        self._zip: dict[str, dict[str, zipfile.ZipInfo]] = {}
-        self._data_offsets: dict[str, dict[int, zipfile.ZipInfo]] = {}
-        self._maps: dict[str, list[tuple[int, int, int]]] = {}
+        self._verified: set[Record] = set()
         self._fds: dict[str, int] = {}
         names = sorted(p.name for p in self.dir.iterdir() if p.is_file())
         self.optim_files = {int(m.group(2)): n for n in names if (m := OPTIM_RE.match(n))}
@@ -224,9 +191,6 @@ class DSCheckpoint:
                                   f"(dp world size {self.dp_size}, found ranks "
                                   f"{sorted(self.optim_files)})")
         self.params: dict[str, ParamSpec] = self._build_specs()
-        self.buffers: dict[str, torch.Tensor] = {
-            n: self.model_state["module"][n] for n in self.model_state.get("buffer_names") or []
-            if n in self.model_state["module"]}
         self.shared: dict[str, str] = dict(self.model_state.get("shared_params") or {})
 
     # ---- description ---------------------------------------------------------------------
@@ -268,15 +232,16 @@ class DSCheckpoint:
         return {n: p.shape for n, p in self.params.items()}
 
     # ---- reading -------------------------------------------------------------------------
-    def read(self, name: str, source: str = "master", state: str = "fp32",
-             out: torch.Tensor | None = None) -> torch.Tensor:
-        """The full logical fp32 tensor of parameter ``name``: its master weights (``state``
-        "fp32"), or Adam's ``exp_avg`` / ``exp_avg_sq`` for it (same partition layout).
+    def read(self, name: str, source: str = "master", state: str = "fp32", out=None):
+        """The full logical fp32 tensor (torch) of parameter ``name``: its master weights
+        (``state`` "fp32"), or Adam's ``exp_avg`` / ``exp_avg_sq`` for it (same partition layout).
 
-        With ``out`` (a tensor or view of the full shape, any float dtype), the values are copied
-        straight from the memory-mapped partitions into it and ``out`` is returned: no
-        intermediate tensors for the usual layouts.
+        With ``out`` (a torch tensor or view of the full shape, any float dtype), the values are
+        read from the partition files straight into it and ``out`` is returned: no intermediate
+        tensors for the usual layouts.
         """
+        import torch
+
         spec = self.params[name]
         if state != "fp32":
             if not self.has_master:
@@ -297,20 +262,27 @@ class DSCheckpoint:
             if dest is not None and dest.is_contiguous():
                 flat, offset = dest.view(-1), 0
                 for p in ordered:
-                    src = self._slice(p)
-                    flat.narrow(0, offset, p.numel).copy_(src)
-                    release(src)
+                    self._read_into(self._slice(p), flat.narrow(0, offset, p.numel))
                     offset += p.numel
                 continue
-            parts = [self._slice(p) for p in ordered]
+            parts = [self._slice(p).torch() for p in ordered]
             local = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(spec.local_shape)
             if dest is not None:
                 dest.copy_(local)
             else:
                 out[torch.tensor(ids)] = local.to(out.dtype)
-            for src in parts:
-                release(src)
         return out
+
+    def _read_into(self, src: LazyTensor, dest) -> None:
+        """Copy the values of ``src`` into the flat torch tensor ``dest`` (pread straight into
+        its memory when the dtypes match)."""
+        import torch
+
+        if dest.dtype == getattr(torch, src.dtype) and dest.is_contiguous() and src.numel():
+            view = memoryview(dest.numpy()).cast("B")
+            pread_exact(self._fd(src.record), view, src.file_offset, src.record.path)
+        else:
+            dest.copy_(src.torch().reshape(-1))
 
     def _rank_pieces(self, spec: ParamSpec, state: str = "fp32"):
         """``(ep_rank, pieces in partition order)`` of ``spec``'s master values (or of an Adam
@@ -324,13 +296,13 @@ class DSCheckpoint:
                                       f"elements on EP rank {ep_rank}, expected {want}")
             yield ep_rank, ordered
 
-    def segments(self, name: str) -> list[tuple[int, torch.Tensor, tuple[int, int, Path] | None]] | None:
+    def segments(self, name: str) -> list[tuple[int, int, int, int, Path]] | None:
         """Where the fp32 master values of ``name`` lie, without reading them: a list of
-        ``(offset, flat, where)`` meaning "elements ``offset .. offset + flat.numel()`` of the
-        flattened logical tensor are the memory-mapped ``flat``, found in the file ``where[2]``,
-        open as ``where[0]``, at byte ``where[1]``" (``where`` is ``None`` if that is unknown), covering
-        the tensor in order. ``None`` when the layout is not a plain concatenation (no master
-        weights, or an expert placement that is not contiguous): use :meth:`read` then."""
+        ``(offset, numel, fd, byte, path)`` meaning "elements ``offset .. offset + numel`` of the
+        flattened logical tensor are the float32 values at byte ``byte`` of the file ``path``,
+        open as ``fd``", covering the tensor in order. ``None`` when the layout is not a plain
+        concatenation (no master weights, or an expert placement that is not contiguous): use
+        :meth:`read` then."""
         spec = self.params[name]
         if not self.has_master:
             return None
@@ -346,33 +318,23 @@ class DSCheckpoint:
             for p in ordered:
                 if p.numel:
                     flat = self._slice(p)
-                    segs.append((offset, flat, self._where(p.file, flat)))
+                    if flat.dtype != "float32":
+                        return None
+                    segs.append((offset, p.numel, self._fd(flat.record), flat.file_offset,
+                                 flat.record.path))
                 offset += p.numel
         segs.sort(key=lambda s: s[0])
         return segs
 
-    def _where(self, fname: str, flat: torch.Tensor) -> tuple[int, int, Path] | None:
-        """(open file descriptor, byte offset, path) of the memory-mapped ``flat`` of ``fname``."""
-        if flat.dtype != torch.float32 or not flat.is_contiguous():
-            return None
-        offset = self._file_offset(fname, flat.data_ptr())
-        if offset is None:
-            return None
-        if fname not in self._fds:
-            self._fds[fname] = os.open(self.dir / fname, os.O_RDONLY)
-        return self._fds[fname], offset, self.dir / fname
-
-    def _file_offset(self, fname: str, address: int) -> int | None:
-        """Offset in ``fname`` of the byte mapped at ``address`` (its mappings read once)."""
-        if fname not in self._maps:
-            self._maps[fname] = _mappings(self.dir / fname)
-        for lo, hi, off in self._maps[fname]:
-            if lo <= address < hi:
-                return address - lo + off
-        return None
+    def _fd(self, record: Record) -> int:
+        """A file descriptor of the file holding ``record``, opened once."""
+        key = str(record.path)
+        if key not in self._fds:
+            self._fds[key] = os.open(record.path, os.O_RDONLY)
+        return self._fds[key]
 
     def close(self) -> None:
-        """Close the file descriptors :meth:`segments` opened (the mappings stay valid)."""
+        """Close the files opened for reading."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -383,20 +345,22 @@ class DSCheckpoint:
         except Exception:
             pass
 
-    def _read_module(self, spec: ParamSpec) -> torch.Tensor:
+    def _read_module(self, spec: ParamSpec):
+        import torch
+
         if self.zero_stage == 3:
             raise CheckpointError(f"{self.dir}: ZeRO-3 checkpoints hold no full module weights; "
                                   "read the fp32 master weights (--source master)")
         if spec.module_file is not None:
             t = self._load(spec.module_file).get(spec.name)
-            if t is None:
+            if not isinstance(t, LazyTensor):
                 raise CheckpointError(f"{self.dir / spec.module_file}: key '{spec.name}' missing")
-            return t.float().reshape(spec.shape)
+            return self._materialize(t).float().reshape(spec.shape)
         if spec.expert is None:
             t = self.model_state["module"].get(spec.name)
-            if t is None:
+            if not isinstance(t, LazyTensor):
                 raise CheckpointError(f"{self.dir / self.model_file}: module weight {spec.name} missing")
-            return t.float().reshape(spec.shape)
+            return self._materialize(t).float().reshape(spec.shape)
         e = spec.expert
         rows = []
         for g in range(e.num_experts):
@@ -406,90 +370,47 @@ class DSCheckpoint:
                                       "_model_states.pt missing")
             sd = self._load(fname)
             key = f"{e.prefix}.{e.weight}.{g}"
-            if key not in sd:
+            if not isinstance(sd.get(key), LazyTensor):
                 raise CheckpointError(f"{self.dir / fname}: key '{key}' missing")
-            rows.append(sd[key].float())
+            rows.append(self._materialize(sd[key]).float())
         return torch.stack(rows).reshape(spec.shape)
 
-    def _slice(self, piece: Piece) -> torch.Tensor:
+    def _materialize(self, t: LazyTensor):
+        if self.verify:
+            self._verify_record(t.record)
+        return t.torch()
+
+    def _slice(self, piece: Piece) -> LazyTensor:
         obj: Any = self._load(piece.file)
         try:
             for k in piece.key:
                 obj = obj[k]
-        except (KeyError, IndexError):
+        except (KeyError, IndexError, TypeError):
             raise CheckpointError(f"{self.dir / piece.file}: key {'.'.join(map(str, piece.key))} "
                                   "missing") from None
+        if not isinstance(obj, LazyTensor):
+            raise CheckpointError(f"{self.dir / piece.file}: {'.'.join(map(str, piece.key))} is "
+                                  "not a tensor")
         if piece.start + piece.numel > obj.numel():
             raise CheckpointError(f"{self.dir / piece.file}: flat partition "
                                   f"{'.'.join(map(str, piece.key))} has {obj.numel()} elements, "
                                   f"needs {piece.start + piece.numel}")
         if self.verify:
-            self._verify_storage(piece.file, obj)
-        return obj.narrow(0, piece.start, piece.numel)
+            self._verify_record(obj.record)
+        return obj.narrow(piece.start, piece.numel)
 
-    def _verify_storage(self, fname: str, t: torch.Tensor) -> None:
-        """Check the CRC-32 of the zip record holding ``t``'s storage, once per record."""
-        if fname not in self._zip:
-            with zipfile.ZipFile(self.dir / fname) as z:
-                self._zip[fname] = {i.filename: i for i in z.infolist()}
-        storage = t.untyped_storage()
-        key = (fname, str(storage.data_ptr()))
-        if key in self._verified:
+    def _verify_record(self, record: Record) -> None:
+        """Check the CRC-32 of ``record`` once (in a background thread with ``verify_async``)."""
+        if record in self._verified:
             return
-        self._verified.add(key)
-        raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
+        self._verified.add(record)
         if not self.verify_async:
-            self._check_crc(fname, raw)
+            _check_crc(record)
             return
         global _CRC_POOL
         if _CRC_POOL is None:
             _CRC_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crc32")
-        self._pending.append(_CRC_POOL.submit(self._check_crc, fname, raw))
-
-    def _record_at(self, fname: str, offset: int) -> zipfile.ZipInfo | None:
-        """The stored zip record of ``fname`` whose data starts at byte ``offset``."""
-        if fname not in self._data_offsets:
-            starts = {}
-            with open(self.dir / fname, "rb") as f:
-                for info in self._zip[fname].values():
-                    if info.compress_type != zipfile.ZIP_STORED:
-                        continue
-                    f.seek(info.header_offset)
-                    head = f.read(30)  # local file header: its name and extra field lengths
-                    if len(head) == 30 and head[:4] == b"PK\x03\x04":
-                        starts[info.header_offset + 30 + int.from_bytes(head[26:28], "little")
-                               + int.from_bytes(head[28:30], "little")] = info
-            self._data_offsets[fname] = starts
-        return self._data_offsets[fname].get(offset)
-
-    def _check_crc(self, fname: str, raw: torch.Tensor) -> None:
-        """CRC-32 of the record behind ``raw`` (a storage mapped from ``fname``), read with
-        ``pread`` from the file rather than through the mapping, so that it neither faults the
-        mapped pages in nor races the merge's release of them."""
-        nbytes = raw.numel()
-        offset = self._file_offset(fname, raw.data_ptr())
-        info = self._record_at(fname, offset) if offset is not None else None
-        if info is None or info.file_size != nbytes:  # mapping not found: CRC of the mapping
-            crc = _crc32(raw.numpy())
-            release(raw)
-            if not any(i.CRC == crc and i.file_size == nbytes
-                       for i in self._zip[fname].values() if "/data/" in i.filename):
-                raise CheckpointError(f"{self.dir / fname}: a tensor record fails its CRC-32 "
-                                      "check (corrupted file)")
-            return
-        crc, done, view = 0, 0, memoryview(bytearray(min(nbytes, 1 << 20) or 1))
-        fd = os.open(self.dir / fname, os.O_RDONLY)
-        try:
-            while done < nbytes:
-                part = view[:min(len(view), nbytes - done)]
-                pread_exact(fd, part, offset + done, self.dir / fname)
-                crc = _crc32(part, crc)  # releases the GIL: runs beside the averaging
-                done += len(part)
-        finally:
-            os.close(fd)
-        if crc != info.CRC:
-            raise CheckpointError(f"{self.dir / fname}: record {info.filename} fails its CRC-32 "
-                                  "check (corrupted file)")
+        self._pending.append(_CRC_POOL.submit(_check_crc, record))
 
     def wait_verified(self) -> None:
         """Raise the first CRC failure of the records read so far (``verify_async`` mode)."""
@@ -566,7 +487,7 @@ class DSCheckpoint:
         index = {}
         for _, fname in sorted(self.expert_files.items()):
             for name, t in self._load(fname).items():
-                if isinstance(t, torch.Tensor):
+                if isinstance(t, LazyTensor):
                     index[name] = (fname, tuple(t.shape))
         return index
 

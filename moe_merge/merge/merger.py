@@ -5,6 +5,10 @@ and widened to float64 (so that N identical checkpoints merge to themselves bit 
 SMA of two is their correctly rounded midpoint), one cache-sized chunk at a time straight from
 the partition files, then rounded once to fp32 and handed to the shard writer. Peak memory: two
 fp32 copies of the largest tensor, whatever N is.
+
+The merge itself needs only numpy: files are parsed without torch (see safe_load), values are
+read with ``pread`` into cache-sized buffers, and torch is imported only for the layouts that
+must be gathered through :meth:`DSCheckpoint.read` and for the DeepSpeed-format output.
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from moe_merge import __version__
 from moe_merge.checkpoint.discover import Tag, find_tags, hf_dir_for
 from moe_merge.checkpoint.names import OutTensor, check_against_hf, hf_expected, hf_map, identity_map
-from moe_merge.checkpoint.reader import DSCheckpoint, pread_exact, release
-from moe_merge.checkpoint.safe_load import CheckpointError
+from moe_merge.checkpoint.reader import DSCheckpoint
+from moe_merge.checkpoint.safe_load import CheckpointError, pread_exact
 from moe_merge.merge.strategies import MergeError, select, strategy_weights
 from moe_merge.merge.writer import ShardWriter, atomic_dir, check_target, parse_size, plan_shards
 
@@ -96,10 +100,12 @@ def _check_compatible(readers: list[DSCheckpoint]) -> None:
                                   "different models")
 
 
-def _read_out(r: DSCheckpoint, o: OutTensor, source: str,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """Output tensor ``o`` of checkpoint ``r`` (its sources concatenated), into ``out`` if given."""
+def _read_out(r: DSCheckpoint, o: OutTensor, source: str, out=None):
+    """Output tensor ``o`` of checkpoint ``r`` as a torch tensor (its sources concatenated),
+    into ``out`` (a torch tensor of its shape) if given."""
     if out is None:
+        import torch
+
         parts = [r.read(s, source) for s in o.sources]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=o.cat_dim)
     if len(o.sources) == 1:
@@ -112,19 +118,17 @@ def _read_out(r: DSCheckpoint, o: OutTensor, source: str,
     return out
 
 
-Segment = tuple[int, torch.Tensor, "tuple[int, int, Path] | None"]  # see DSCheckpoint.segments
+Segment = tuple[int, int, int, int, Path]  # see DSCheckpoint.segments
 
 
 def _cut(segs: list[Segment], start: int, stop: int, base: int = 0) -> list[Segment]:
     """The parts of ``segs`` (sorted, see :meth:`DSCheckpoint.segments`) inside
     ``[start, stop)``, re-based so that ``start`` lands at ``base``."""
     out = []
-    for off, flat, where in segs:
-        lo, hi = max(off, start), min(off + flat.numel(), stop)
+    for off, numel, fd, byte, path in segs:
+        lo, hi = max(off, start), min(off + numel, stop)
         if lo < hi:
-            at = None if where is None else (where[0], where[1] + (lo - off) * flat.element_size(),
-                                             where[2])
-            out.append((base + lo - start, flat.narrow(0, lo - off, hi - lo), at))
+            out.append((base + lo - start, hi - lo, fd, byte + (lo - off) * 4, path))
     return out
 
 
@@ -152,48 +156,53 @@ def _out_segments(r: DSCheckpoint, o: OutTensor, source: str) -> list[Segment] |
     return segs
 
 
-def _accumulate_chunked(acc: torch.Tensor, segs: list[list[Segment]], weights: list[float],
-                        out: torch.Tensor, zero: bool, span: tuple[int, int] | None = None
+def _axpy(acc: np.ndarray, x: np.ndarray, w: float, wide: np.ndarray) -> None:
+    """``acc += w * x`` in float64 (``x`` float32), ``wide`` a float64 scratch buffer; the one
+    place the weighted sum is computed, so every path rounds alike."""
+    step = len(wide)
+    for i in range(0, len(x), step):
+        t = wide[:min(step, len(x) - i)]
+        np.multiply(x[i:i + len(t)], w, out=t)
+        dst = acc[i:i + len(t)]
+        np.add(dst, t, out=dst)
+
+
+def _accumulate_chunked(acc: np.ndarray, segs: list[list[Segment]], weights: list[float],
+                        out: np.ndarray, zero: bool, span: tuple[int, int] | None = None
                         ) -> float:
     """``out = acc + sum_i weights[i] * input_i`` over the flattened tensor, one cache-sized
     chunk at a time: each chunk of the float64 accumulator stays in cache while every input's
-    float32 values are read (``pread`` from the page cache into a cache-resident staging
-    buffer; or, where the file offset is unknown, straight from the mapping), widened and added
-    into it; it is then rounded once into ``out``. Returns the float64 sum of the result
-    (NaN/Inf if any input value is). ``zero``: ``acc`` holds nothing yet, and may be one chunk
-    long (it is reused for every chunk); else it holds the whole tensor's partial sum. ``span``:
-    only elements ``[start, stop)`` of the tensor."""
-    start, n = span or (0, out.numel())
+    float32 values are read (``pread`` from the file into a cache-resident staging buffer),
+    widened and added into it; it is then rounded once into ``out``. Returns the float64 sum
+    of the result (NaN/Inf if any input value is). ``zero``: ``acc`` holds nothing yet, and
+    may be one chunk long (it is reused for every chunk); else it holds the whole tensor's
+    partial sum. ``span``: only elements ``[start, stop)`` of the tensor."""
+    start, n = span or (0, out.size)
     chunk = CHUNK
-    stage = torch.empty(min(chunk, n - start), dtype=torch.float32)
-    stage_mem = memoryview(stage.numpy()).cast("B")
+    stage = np.empty(min(chunk, n - start), dtype=np.float32)
+    wide = np.empty(len(stage), dtype=np.float64)
+    stage_mem = memoryview(stage).cast("B")
     total = 0.0
     cursors = [0] * len(segs)
     for c0 in range(start, n, chunk):
         c1 = min(c0 + chunk, n)
         if zero:
             a = acc[:c1 - c0]
-            a.zero_()
+            a.fill(0.0)
         else:
-            a = acc.narrow(0, c0, c1 - c0)
+            a = acc[c0:c1]
         for i, (sg, w) in enumerate(zip(segs, weights)):
             j = cursors[i]
-            while j < len(sg) and sg[j][0] + sg[j][1].numel() <= c0:
+            while j < len(sg) and sg[j][0] + sg[j][1] <= c0:
                 j += 1
             cursors[i] = j
             while j < len(sg) and sg[j][0] < c1:
-                off, flat, where = sg[j]
-                lo, hi = max(off, c0), min(off + flat.numel(), c1)
-                if where is None:
-                    src = flat.narrow(0, lo - off, hi - lo)
-                    a.narrow(0, lo - c0, hi - lo).add_(src, alpha=w)
-                    release(src)
-                else:
-                    pread_exact(where[0], stage_mem[:(hi - lo) * 4], where[1] + (lo - off) * 4,
-                                where[2])
-                    a.narrow(0, lo - c0, hi - lo).add_(stage[:hi - lo], alpha=w)
+                off, numel, fd, byte, path = sg[j]
+                lo, hi = max(off, c0), min(off + numel, c1)
+                pread_exact(fd, stage_mem[:(hi - lo) * 4], byte + (lo - off) * 4, path)
+                _axpy(a[lo - c0:hi - c0], stage[:hi - lo], w, wide)
                 j += 1
-        out.narrow(0, c0, c1 - c0).copy_(a)
+        out[c0:c1] = a
         total += float(a.sum())
     return total
 
@@ -203,16 +212,17 @@ def _prefetch(segs: list[list[Segment] | None]) -> int:
     pages already cached, asynchronous read-ahead for the rest. Returns their size."""
     total = 0
     for sg in segs:
-        for _, flat, where in sg or ():
-            nbytes = flat.numel() * flat.element_size()
-            total += nbytes
-            if where is not None and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(where[0], where[1], nbytes, os.POSIX_FADV_WILLNEED)
+        for _, numel, fd, byte, _ in sg or ():
+            total += numel * 4
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, byte, numel * 4, os.POSIX_FADV_WILLNEED)
     return total
 
 
 def _name_nonfinite(chosen: list[Tag], readers: list[DSCheckpoint], o: OutTensor,
                     source: str) -> None:
+    import torch
+
     for r in readers:
         r.wait_verified()  # a record that fails its CRC is the cause: name it first
     for tag, r in zip(chosen, readers):
@@ -273,44 +283,42 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
          f"{f' alpha={alpha}' if strategy == 'ema' and weights is None else ''}"
          f" -> {out} ({fmt})\n" + describe(chosen, w))
     t0 = time.time()
-    total_bytes = sum(torch.Size(o.shape).numel() * 4 for o in outs)
-    shards = plan_shards([(o.name, o.shape, torch.float32) for o in outs], shard_bytes)
+    total_bytes = sum(math.prod(o.shape) * 4 for o in outs)
+    f32 = np.dtype(np.float32)
+    shards = plan_shards([(o.name, o.shape, f32) for o in outs], shard_bytes)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=total_bytes * len(readers), unit="B", unit_scale=True, desc="merge",
                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-    # Two threads share each tensor's chunks, one op at a time each (torch's own intra-op
-    # threads would fight them, the CRC checker and the shard writer for the cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    # Two threads share each tensor's chunks (numpy and pread release the GIL).
     helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge")
     try:
-        with atomic_dir(out, overwrite) as tmp, torch.no_grad():
+        with atomic_dir(out, overwrite) as tmp:
             if fmt == "deepspeed":
                 from moe_merge.merge.ds_writer import DeepSpeedWriter
 
                 writer = DeepSpeedWriter(newest, tmp, optimizer_state)
             else:
                 writer = ShardWriter(tmp, shards, metadata={"format": "pt"},
-                                     specs={o.name: (tuple(o.shape), torch.float32) for o in outs})
-            # Inputs whose values lie in plain runs of their memory-mapped master partitions
-            # (the usual layouts) are added chunk by chunk straight from the mappings into a
-            # cache-sized float64 accumulator; others are first read (gathered) into a float32
-            # staging buffer and added whole into a tensor-sized one. The float32 results go
-            # to the shard writer from two buffers used in turn (it holds at most one tensor).
-            most = max(torch.Size(o.shape).numel() for o in outs)
-            chunk_acc = torch.empty(min(CHUNK, most), dtype=torch.float64)
-            chunk_acc2 = torch.empty(min(CHUNK, most), dtype=torch.float64)
+                                     specs={o.name: (tuple(o.shape), f32) for o in outs})
+            # Inputs whose values lie in plain runs of their master partitions (the usual
+            # layouts) are added chunk by chunk straight from the files into a cache-sized
+            # float64 accumulator; others are first read (gathered) into a float32 staging
+            # buffer and added whole into a tensor-sized one. The float32 results go to the
+            # shard writer from two buffers used in turn (it holds at most one tensor).
+            most = max(math.prod(o.shape) for o in outs)
+            chunk_acc = np.empty(min(CHUNK, most), dtype=np.float64)
+            chunk_acc2 = np.empty(min(CHUNK, most), dtype=np.float64)
             acc_buf = stage_buf = None
-            out_bufs = [] if fmt == "deepspeed" else [torch.empty(0), torch.empty(0)]
+            out_bufs = [np.empty(0, f32), np.empty(0, f32)]
             # Read-ahead: the kernel is asked for the bytes of the next tensors (up to
             # PREFETCH_BYTES ahead) while this one is being added, so that reads from disk
             # overlap the work instead of stalling it.
             ahead = {}
             ahead_bytes = fetched = 0
             for k, o in enumerate(outs):
-                n = torch.Size(o.shape).numel()
+                n = math.prod(o.shape)
                 while fetched < len(outs) and (fetched <= k or ahead_bytes < PREFETCH_BYTES):
                     upcoming = [_out_segments(r, outs[fetched], source) for r in readers]
                     ahead[fetched] = (upcoming, _prefetch(upcoming))
@@ -322,21 +330,23 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
                 gathered = [(r, wi) for sg, r, wi in zip(segs, readers, w) if sg is None]
                 acc = chunk_acc
                 if gathered:
+                    import torch
+
                     if acc_buf is None:
-                        acc_buf = torch.empty(most, dtype=torch.float64)
-                        stage_buf = torch.empty(most, dtype=torch.float32)
+                        acc_buf = np.empty(most, dtype=np.float64)
+                        stage_buf = np.empty(most, dtype=np.float32)
                     acc = acc_buf[:n]
-                    acc.zero_()
+                    acc.fill(0.0)
                     for r, wi in gathered:
-                        t = _read_out(r, o, source, out=stage_buf[:n].view(o.shape))
-                        acc.add_(t.reshape(-1), alpha=wi)
-                if out_bufs:
-                    if out_bufs[k % 2].numel() < n:
-                        out_bufs[k % 2] = torch.empty(most, dtype=torch.float32)
-                    merged = out_bufs[k % 2][:n].view(o.shape)
+                        _read_out(r, o, source, out=torch.from_numpy(stage_buf[:n]).view(o.shape))
+                        _axpy(acc, stage_buf[:n], wi, chunk_acc)
+                if fmt != "deepspeed":
+                    if out_bufs[k % 2].size < n:
+                        out_bufs[k % 2] = np.empty(most, dtype=f32)
+                    merged = out_bufs[k % 2][:n]
                 else:
-                    merged = torch.empty(o.shape, dtype=torch.float32)
-                args = ([sg for sg, _ in direct], [wi for _, wi in direct], merged.view(-1))
+                    merged = np.empty(n, dtype=f32)
+                args = ([sg for sg, _ in direct], [wi for _, wi in direct], merged)
                 mid = -(-n // (2 * CHUNK)) * CHUNK  # the second half goes to a helper thread
                 if mid >= n:
                     total = _accumulate_chunked(acc, *args, zero=not gathered)
@@ -351,9 +361,12 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
                 # and a float64 sum of float32 values cannot overflow: one cheap reduction.
                 if not allow_nonfinite and not math.isfinite(total):
                     _name_nonfinite(chosen, readers, o, source)
+                merged = merged.reshape(o.shape)
                 if fmt != "deepspeed":
                     writer.add(o.name, merged)
                     continue
+                import torch
+
                 moments = None
                 if optimizer_state == "merged":
                     moments = {}
@@ -362,7 +375,7 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
                         for r, wi in zip(readers, w):
                             m.add_(r.read(o.name, state=state), alpha=wi)
                         moments[state] = m.to(torch.float32)
-                writer.write(o.name, merged, moments)
+                writer.write(o.name, torch.from_numpy(merged), moments)
             for r in readers:
                 r.wait_verified()  # a corrupted record read above fails the merge here
             if fmt == "deepspeed":
@@ -397,7 +410,6 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
         helper.shutdown()
-        torch.set_num_threads(threads)
         for r in readers:
             r.close()
         if bar is not None:
@@ -408,7 +420,7 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
 
 
 def hf_state(tag_dir: str | Path, hf_dir: str | Path, source: str = "master"
-             ) -> dict[str, torch.Tensor]:
+             ) -> dict:
     """One checkpoint tag as the HF model's state dict in memory (fp32, full logical tensors,
     HF names): what ``merge([tag], fmt="hf")`` writes, without writing it. For studies that
     merge and evaluate many combinations of the same small checkpoints."""

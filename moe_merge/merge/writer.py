@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from moe_merge.merge.strategies import MergeError
 
@@ -118,14 +119,15 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
-def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+def plan_shards(specs: list[tuple[str, tuple[int, ...], object]],
                 max_shard_bytes: int) -> list[list[str]]:
     """Group tensors, in order, into shards of at most ``max_shard_bytes`` (a tensor larger than
-    that gets a shard of its own), as transformers' ``save_pretrained`` does."""
+    that gets a shard of its own), as transformers' ``save_pretrained`` does. Each spec is
+    ``(name, shape, dtype)``, the dtype a numpy or torch one (anything with ``itemsize``)."""
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape, dtype in specs:
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -134,8 +136,7 @@ def plan_shards(specs: list[tuple[str, tuple[int, ...], torch.dtype]],
     return shards
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.float64: "F64"}
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "float64": "F64"}
 
 
 class ShardWriter:
@@ -151,7 +152,7 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: Path, shards: list[list[str]], metadata: dict[str, str],
-                 specs: dict[str, tuple[tuple[int, ...], torch.dtype]]):
+                 specs: dict[str, tuple[tuple[int, ...], np.dtype]]):
         self.out_dir = Path(out_dir)
         self.metadata = metadata
         self.specs = specs
@@ -175,29 +176,30 @@ class ShardWriter:
         offset = 0
         for name in self.shards[i]:
             shape, dtype = self.specs[name]
-            nbytes = torch.Size(shape).numel() * dtype.itemsize
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _ST_DTYPES[dtype.name], "shape": list(shape),
                             "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         return len(raw).to_bytes(8, "little") + raw
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, tensor: np.ndarray) -> None:
         i = self.shard_of[name]
         shape, dtype = self.specs[name]
         if self.shards[i][self.next[i]] != name or tuple(tensor.shape) != tuple(shape) \
                 or tensor.dtype != dtype:
             raise RuntimeError(f"internal error: tensor {name} {tuple(tensor.shape)} {tensor.dtype} "
                                f"out of the planned order or shape")
-        self.total_size += tensor.numel() * tensor.element_size()
+        self.total_size += tensor.nbytes
         self.next[i] += 1
         self.remaining[i] -= 1
         if self._last is not None:
             self._last.result()
-        self._last = self._pool.submit(self._write, i, tensor.contiguous(), self.remaining[i] == 0)
+        self._last = self._pool.submit(self._write, i, np.ascontiguousarray(tensor),
+                                       self.remaining[i] == 0)
 
-    def _write(self, i: int, tensor: torch.Tensor, last: bool) -> None:
+    def _write(self, i: int, tensor: np.ndarray, last: bool) -> None:
         if i not in self.open:
             f, h = open(self.out_dir / self.files[i], "wb"), hashlib.sha256()
             head = self._header(i)
@@ -205,7 +207,7 @@ class ShardWriter:
             h.update(head)
             self.open[i] = (f, h)
         f, h = self.open[i]
-        data = memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
+        data = memoryview(tensor.reshape(-1)).cast("B")
         f.write(data)
         h.update(data)
         if last:
