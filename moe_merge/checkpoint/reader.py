@@ -46,9 +46,10 @@ from typing import Any
 from moe_merge.checkpoint.safe_load import CheckpointError, LazyTensor, Record, load, pread_exact
 
 try:  # Intel ISA-L's CRC-32: ~4x zlib's speed; same polynomial, same values
-    from isal.isal_zlib import crc32 as _crc32
+    from isal.isal_zlib import crc32
+    from isal.isal_zlib import crc32_combine as _crc32_combine
 except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
-    _crc32 = zlib.crc32
+    crc32, _crc32_combine = zlib.crc32, None
 
 OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
@@ -118,20 +119,37 @@ def _natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
-def _check_crc(record: Record) -> None:
-    """Compare the CRC-32 of ``record``'s bytes, read with ``pread``, with the one its zip
-    entry holds."""
-    crc, done, nbytes = 0, 0, record.nbytes
+def _crc_range(record: Record, start: int, nbytes: int, crc: int = 0) -> int:
+    """``crc`` continued over ``nbytes`` of ``record``'s file from byte ``start`` (pread)."""
+    done = 0
     view = memoryview(bytearray(min(nbytes, 1 << 20) or 1))
     fd = os.open(record.path, os.O_RDONLY)
     try:
         while done < nbytes:
             part = view[:min(len(view), nbytes - done)]
-            pread_exact(fd, part, record.offset + done, record.path)
-            crc = _crc32(part, crc)  # releases the GIL: runs beside the averaging
+            pread_exact(fd, part, start + done, record.path)
+            crc = crc32(part, crc)  # releases the GIL: runs beside the averaging
             done += len(part)
     finally:
         os.close(fd)
+    return crc
+
+
+def _check_crc(record: Record, pieces: list[tuple[int, int, int]] | None = None) -> None:
+    """Compare the CRC-32 of ``record``'s bytes with the one its zip entry holds. ``pieces``:
+    ``(byte, nbytes, crc)`` of ranges the caller has read (and checksummed) already; only the
+    bytes between them are read here, and the CRCs are combined."""
+    crc, pos, end = 0, record.offset, record.offset + record.nbytes
+    if pieces and _crc32_combine is not None:
+        for byte, nbytes, piece_crc in sorted(pieces):
+            if byte < pos or byte + nbytes > end:  # overlapping reads: check it whole
+                crc, pos = 0, record.offset
+                break
+            if byte > pos:
+                crc = _crc_range(record, pos, byte - pos, crc)
+            crc = _crc32_combine(crc, piece_crc, nbytes)
+            pos = byte + nbytes
+    crc = _crc_range(record, pos, end - pos, crc)
     if crc != record.crc:
         raise CheckpointError(f"{record.path}: record {record.name} fails its CRC-32 check "
                               "(corrupted file)")
@@ -152,6 +170,7 @@ class DSCheckpoint:
         self._pending: list[Future] = []
         self._files: dict[str, dict] = {}
         self._verified: set[Record] = set()
+        self._inline: dict[Record, list[tuple[int, int, int]]] = {}
         self._fds: dict[str, int] = {}
         names = sorted(p.name for p in self.dir.iterdir() if p.is_file())
         self.optim_files = {int(m.group(2)): n for n in names if (m := OPTIM_RE.match(n))}
@@ -296,13 +315,16 @@ class DSCheckpoint:
                                       f"elements on EP rank {ep_rank}, expected {want}")
             yield ep_rank, ordered
 
-    def segments(self, name: str) -> list[tuple[int, int, int, int, Path]] | None:
+    def segments(self, name: str) -> list[tuple[int, int, int, int, Record]] | None:
         """Where the fp32 master values of ``name`` lie, without reading them: a list of
-        ``(offset, numel, fd, byte, path)`` meaning "elements ``offset .. offset + numel`` of the
-        flattened logical tensor are the float32 values at byte ``byte`` of the file ``path``,
-        open as ``fd``", covering the tensor in order. ``None`` when the layout is not a plain
-        concatenation (no master weights, or an expert placement that is not contiguous): use
-        :meth:`read` then."""
+        ``(offset, numel, fd, byte, record)`` meaning "elements ``offset .. offset + numel`` of
+        the flattened logical tensor are the float32 values at byte ``byte`` of the file of
+        ``record``, open as ``fd``", covering the tensor in order. ``None`` when the layout is
+        not a plain concatenation (no master weights, or an expert placement that is not
+        contiguous): use :meth:`read` then.
+
+        With ``verify``, the records are checked by :meth:`wait_verified` from the CRC-32 of
+        the ranges the caller reports with :meth:`note_read` (and the bytes between them)."""
         spec = self.params[name]
         if not self.has_master:
             return None
@@ -317,14 +339,22 @@ class DSCheckpoint:
                 offset = ids[0] * row
             for p in ordered:
                 if p.numel:
-                    flat = self._slice(p)
+                    flat = self._slice(p, verify=False)
                     if flat.dtype != "float32":
                         return None
+                    if self.verify and flat.record not in self._verified:
+                        self._inline.setdefault(flat.record, [])
                     segs.append((offset, p.numel, self._fd(flat.record), flat.file_offset,
-                                 flat.record.path))
+                                 flat.record))
                 offset += p.numel
         segs.sort(key=lambda s: s[0])
         return segs
+
+    def note_read(self, record: Record, byte: int, nbytes: int, crc: int) -> None:
+        """The caller read ``nbytes`` at ``byte`` of a segment of ``record``; their CRC-32."""
+        pieces = self._inline.get(record)
+        if pieces is not None:
+            pieces.append((byte, nbytes, crc))  # list.append is atomic: callable from threads
 
     def _fd(self, record: Record) -> int:
         """A file descriptor of the file holding ``record``, opened once."""
@@ -380,7 +410,7 @@ class DSCheckpoint:
             self._verify_record(t.record)
         return t.torch()
 
-    def _slice(self, piece: Piece) -> LazyTensor:
+    def _slice(self, piece: Piece, verify: bool = True) -> LazyTensor:
         obj: Any = self._load(piece.file)
         try:
             for k in piece.key:
@@ -395,7 +425,7 @@ class DSCheckpoint:
             raise CheckpointError(f"{self.dir / piece.file}: flat partition "
                                   f"{'.'.join(map(str, piece.key))} has {obj.numel()} elements, "
                                   f"needs {piece.start + piece.numel}")
-        if self.verify:
+        if self.verify and verify:
             self._verify_record(obj.record)
         return obj.narrow(piece.start, piece.numel)
 
@@ -404,6 +434,7 @@ class DSCheckpoint:
         if record in self._verified:
             return
         self._verified.add(record)
+        self._inline.pop(record, None)
         if not self.verify_async:
             _check_crc(record)
             return
@@ -417,6 +448,10 @@ class DSCheckpoint:
         pending, self._pending = self._pending, []
         for f in pending:
             f.result()
+        inline, self._inline = self._inline, {}
+        for record, pieces in inline.items():
+            self._verified.add(record)
+            _check_crc(record, pieces)
 
     def _load(self, fname: str) -> dict:
         if fname not in self._files:

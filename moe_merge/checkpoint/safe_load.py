@@ -156,6 +156,11 @@ def _rebuild_parameter(data, *_):
     return data
 
 
+def _rebuild_from_type(func, new_type, args, state):
+    """A tensor pickled with its type and Python attributes: only the tensor is kept."""
+    return func(*args)
+
+
 class _StorageType(str):
     """A torch storage class named in a pickle: only its name is kept."""
 
@@ -170,6 +175,8 @@ ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+    ("torch", "Tensor"): "Tensor",
     ("torch", "Size"): tuple,
     ("torch", "device"): str,
     ("_codecs", "encode"): _encode,

@@ -29,8 +29,8 @@ import numpy as np
 from moe_merge import __version__
 from moe_merge.checkpoint.discover import Tag, find_tags, hf_dir_for
 from moe_merge.checkpoint.names import OutTensor, check_against_hf, hf_expected, hf_map, identity_map
-from moe_merge.checkpoint.reader import DSCheckpoint
-from moe_merge.checkpoint.safe_load import CheckpointError, pread_exact
+from moe_merge.checkpoint.reader import DSCheckpoint, crc32
+from moe_merge.checkpoint.safe_load import CheckpointError, Record, pread_exact
 from moe_merge.merge.strategies import MergeError, select, strategy_weights
 from moe_merge.merge.writer import ShardWriter, atomic_dir, check_target, parse_size, plan_shards
 
@@ -118,17 +118,17 @@ def _read_out(r: DSCheckpoint, o: OutTensor, source: str, out=None):
     return out
 
 
-Segment = tuple[int, int, int, int, Path]  # see DSCheckpoint.segments
+Segment = tuple[int, int, int, int, Record]  # see DSCheckpoint.segments
 
 
 def _cut(segs: list[Segment], start: int, stop: int, base: int = 0) -> list[Segment]:
     """The parts of ``segs`` (sorted, see :meth:`DSCheckpoint.segments`) inside
     ``[start, stop)``, re-based so that ``start`` lands at ``base``."""
     out = []
-    for off, numel, fd, byte, path in segs:
+    for off, numel, fd, byte, rec in segs:
         lo, hi = max(off, start), min(off + numel, stop)
         if lo < hi:
-            out.append((base + lo - start, hi - lo, fd, byte + (lo - off) * 4, path))
+            out.append((base + lo - start, hi - lo, fd, byte + (lo - off) * 4, rec))
     return out
 
 
@@ -168,15 +168,16 @@ def _axpy(acc: np.ndarray, x: np.ndarray, w: float, wide: np.ndarray) -> None:
 
 
 def _accumulate_chunked(acc: np.ndarray, segs: list[list[Segment]], weights: list[float],
-                        out: np.ndarray, zero: bool, span: tuple[int, int] | None = None
-                        ) -> float:
+                        notes: list[Callable | None], out: np.ndarray, zero: bool,
+                        span: tuple[int, int] | None = None) -> float:
     """``out = acc + sum_i weights[i] * input_i`` over the flattened tensor, one cache-sized
     chunk at a time: each chunk of the float64 accumulator stays in cache while every input's
     float32 values are read (``pread`` from the file into a cache-resident staging buffer),
     widened and added into it; it is then rounded once into ``out``. Returns the float64 sum
     of the result (NaN/Inf if any input value is). ``zero``: ``acc`` holds nothing yet, and
     may be one chunk long (it is reused for every chunk); else it holds the whole tensor's
-    partial sum. ``span``: only elements ``[start, stop)`` of the tensor."""
+    partial sum. ``span``: only elements ``[start, stop)`` of the tensor. ``notes[i]``: told
+    the CRC-32 of every range read from input i (:meth:`DSCheckpoint.note_read`), or None."""
     start, n = span or (0, out.size)
     chunk = CHUNK
     stage = np.empty(min(chunk, n - start), dtype=np.float32)
@@ -191,15 +192,18 @@ def _accumulate_chunked(acc: np.ndarray, segs: list[list[Segment]], weights: lis
             a.fill(0.0)
         else:
             a = acc[c0:c1]
-        for i, (sg, w) in enumerate(zip(segs, weights)):
+        for i, (sg, w, note) in enumerate(zip(segs, weights, notes)):
             j = cursors[i]
             while j < len(sg) and sg[j][0] + sg[j][1] <= c0:
                 j += 1
             cursors[i] = j
             while j < len(sg) and sg[j][0] < c1:
-                off, numel, fd, byte, path = sg[j]
+                off, numel, fd, byte, rec = sg[j]
                 lo, hi = max(off, c0), min(off + numel, c1)
-                pread_exact(fd, stage_mem[:(hi - lo) * 4], byte + (lo - off) * 4, path)
+                pos, view = byte + (lo - off) * 4, stage_mem[:(hi - lo) * 4]
+                pread_exact(fd, view, pos, rec.path)
+                if note is not None:  # checksummed while the bytes are in cache
+                    note(rec, pos, len(view), crc32(view))
                 _axpy(a[lo - c0:hi - c0], stage[:hi - lo], w, wide)
                 j += 1
         out[c0:c1] = a
@@ -326,7 +330,8 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
                     fetched += 1
                 segs, nbytes = ahead.pop(k)
                 ahead_bytes -= nbytes
-                direct = [(sg, wi) for sg, wi in zip(segs, w) if sg is not None]
+                direct = [(sg, wi, r.note_read if verify else None)
+                          for sg, wi, r in zip(segs, w, readers) if sg is not None]
                 gathered = [(r, wi) for sg, r, wi in zip(segs, readers, w) if sg is None]
                 acc = chunk_acc
                 if gathered:
@@ -346,7 +351,8 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
                     merged = out_bufs[k % 2][:n]
                 else:
                     merged = np.empty(n, dtype=f32)
-                args = ([sg for sg, _ in direct], [wi for _, wi in direct], merged)
+                args = ([d[0] for d in direct], [d[1] for d in direct], [d[2] for d in direct],
+                        merged)
                 mid = -(-n // (2 * CHUNK)) * CHUNK  # the second half goes to a helper thread
                 if mid >= n:
                     total = _accumulate_chunked(acc, *args, zero=not gathered)
