@@ -162,7 +162,8 @@ def _axpy(acc: np.ndarray, x: np.ndarray, w: float, wide: np.ndarray) -> None:
     step = len(wide)
     for i in range(0, len(x), step):
         t = wide[:min(step, len(x) - i)]
-        np.multiply(x[i:i + len(t)], w, out=t)
+        # dtype: a float64 product (for a Python float w, NumPy would pick the float32 loop)
+        np.multiply(x[i:i + len(t)], w, out=t, dtype=np.float64)
         dst = acc[i:i + len(t)]
         np.add(dst, t, out=dst)
 
