@@ -159,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+# The errors that describe bad input (one line, exit 2), by module. An error can only have been
+# raised by a module that was imported, so none is imported here (a merge stays light).
+USER_ERRORS = (("moe_merge.checkpoint.safe_load", "CheckpointError"),
+               ("moe_merge.merge.strategies", "MergeError"), ("moe_merge.config", "ConfigError"),
+               ("moe_merge.data", "DataError"), ("moe_merge.launching", "LaunchError"))
+
+
+def _user_error(e: Exception) -> bool:
+    return any(mod in sys.modules and isinstance(e, getattr(sys.modules[mod], name))
+               for mod, name in USER_ERRORS)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
@@ -176,17 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         ap.print_help()
         return 0
-    from moe_merge.checkpoint.safe_load import CheckpointError
-    from moe_merge.config import ConfigError
-    from moe_merge.data import DataError
-    from moe_merge.merge.strategies import MergeError
-
-    from moe_merge.launching import LaunchError
-
     handlers = {"inspect": _inspect, "merge": _merge, "eval": _eval, "study": _study}
     try:
         return handlers[args.command](args)
-    except (CheckpointError, MergeError, ConfigError, DataError, LaunchError) as e:
+    except Exception as e:
+        if not _user_error(e):
+            raise
         print(f"moe-merge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

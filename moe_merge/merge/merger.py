@@ -162,8 +162,9 @@ def _axpy(acc: np.ndarray, x: np.ndarray, w: float, wide: np.ndarray) -> None:
     step = len(wide)
     for i in range(0, len(x), step):
         t = wide[:min(step, len(x) - i)]
-        # dtype: a float64 product (for a Python float w, NumPy would pick the float32 loop)
-        np.multiply(x[i:i + len(t)], w, out=t, dtype=np.float64)
+        np.copyto(t, x[i:i + len(t)])  # widened first: the product is a float64 one
+        if w != 1.0:
+            np.multiply(t, w, out=t)
         dst = acc[i:i + len(t)]
         np.add(dst, t, out=dst)
 
