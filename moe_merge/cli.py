@@ -33,7 +33,7 @@ def _merge(args) -> int:
           hf_config=args.hf_config, max_shard_size=args.max_shard_size,
           overwrite=args.overwrite, source=args.source, allow_nonfinite=args.allow_nonfinite,
           verify=not args.no_verify, progress=not args.quiet,
-          optimizer_state=args.optimizer_state)
+          optimizer_state=args.optimizer_state, distributed=args.distributed)
     return 0
 
 
@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--no-verify", action="store_true",
                     help="skip the CRC-32 check of the tensor records read")
     mg.add_argument("--quiet", action="store_true", help="no progress bar")
+    mg.add_argument("--distributed", action="store_true",
+                    help="one rank of a merge started by a launcher (deepspeed --module "
+                         "moe_merge.cli merge ... --distributed): the output shards are shared "
+                         "out among the ranks; hf or safetensors output on a shared file system")
 
     sd = sub.add_parser("study", help="reproducible studies: anneal (do merged constant-LR "
                                       "checkpoints predict annealing?)")

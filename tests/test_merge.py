@@ -463,3 +463,30 @@ def test_eval_on_user_data(trained, tmp_path):
     assert result["data"] == str(text) and result["tokens"] == 4 * 64
     assert 0 < result["loss"] < 20
     _one_line_error(cli("eval", tmp_path / "m", "--data", tmp_path / "nope.txt"), "nope.txt")
+
+
+def test_distributed_merge_equals_the_one_process_merge(trained, tmp_path):
+    """Two ranks started by the deepspeed launcher share out the output shards; the output is
+    the one-process output, bit for bit, with one index and one manifest."""
+    from conftest import _free_port
+
+    run = trained("moe_z2")
+    common = ["--last", "3", "--max-shard-size", "400KB", "--quiet"]
+    assert cli("merge", run, "--out", tmp_path / "one", *common).returncode == 0
+    proc = run_cli([str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                    str(_free_port()), "--module", "moe_merge.cli", "merge", str(run), "--out",
+                    str(tmp_path / "two"), *common, "--distributed"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "merge_manifest.json").read_text())
+                for d in ("one", "two"))
+    assert len(one["files"]) > 2 and one["files"] == two["files"]
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    for f in ("model.safetensors.index.json", "config.json"):
+        assert (tmp_path / "one" / f).read_text() == (tmp_path / "two" / f).read_text()
+    assert not list(tmp_path.glob(".two.tmp-*"))
+    # Bad input fails on every rank, and nothing is written.
+    proc = run_cli([str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                    str(_free_port()), "--module", "moe_merge.cli", "merge", str(run), "--out",
+                    str(tmp_path / "bad"), "--last", "99", "--distributed"])
+    assert proc.returncode != 0 and "--last 99" in proc.stderr
+    assert not (tmp_path / "bad").exists()

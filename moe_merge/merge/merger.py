@@ -13,6 +13,7 @@ must be gathered through :meth:`DSCheckpoint.read` and for the DeepSpeed-format 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -254,11 +255,23 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
           hf_config: str | Path | None = None, max_shard_size: str | int = "2GB",
           overwrite: bool = False, source: str = "master", allow_nonfinite: bool = False,
           verify: bool = True, progress: bool = True, optimizer_state: str = "latest",
-          echo: Callable[[str], None] | None = None) -> dict:
-    """Merge DeepSpeed checkpoints into ``out``; returns the manifest (also written there)."""
+          echo: Callable[[str], None] | None = None, distributed: bool = False) -> dict:
+    """Merge DeepSpeed checkpoints into ``out``; returns the manifest (also written there).
+
+    ``distributed``: this process is one rank of a merge started by a launcher (deepspeed,
+    torchrun); the output shards are shared out among the ranks, each reads only the bytes of
+    its own shards, and rank 0 writes the index and manifest and moves the output into place.
+    The output is the same, bit for bit, as a one-process merge's. ``out`` must be on a file
+    system every rank sees."""
     echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
     if fmt not in FORMATS:
         raise MergeError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if distributed and fmt == "deepspeed":
+        raise MergeError("--distributed writes hf or safetensors output; --format deepspeed is "
+                         "written by one process")
+    rank, world, dist = _init_distributed() if distributed else (0, 1, None)
+    if rank:
+        echo = lambda s: None  # noqa: E731 - rank 0 speaks for all
     if source not in ("master", "module"):
         raise MergeError(f"--source: unknown source {source!r} (master or module)")
     out = Path(out)
@@ -289,115 +302,63 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
          f"{f' alpha={alpha}' if strategy == 'ema' and weights is None else ''}"
          f" -> {out} ({fmt})\n" + describe(chosen, w))
     t0 = time.time()
-    total_bytes = sum(math.prod(o.shape) * 4 for o in outs)
     f32 = np.dtype(np.float32)
     shards = plan_shards([(o.name, o.shape, f32) for o in outs], shard_bytes)
+    if world > 1:
+        mine = {i for i, r in enumerate(assign_shards(shards, dict(
+            (o.name, math.prod(o.shape) * 4) for o in outs), world)) if r == rank}
+        owned = {name for i in mine for name in shards[i]}
+        outs_mine = [o for o in outs if o.name in owned]
+    else:
+        mine, outs_mine = None, outs
+    total_bytes = sum(math.prod(o.shape) * 4 for o in outs_mine)
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=total_bytes * len(readers), unit="B", unit_scale=True, desc="merge",
                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-    # Two threads share each tensor's chunks (numpy and pread release the GIL).
-    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge")
+    sha: dict[str, str] = {}
     try:
-        with atomic_dir(out, overwrite) as tmp:
-            if fmt == "deepspeed":
-                from moe_merge.merge.ds_writer import DeepSpeedWriter
+        # Rank 0 owns the temporary directory (every rank writes its shards into it) and
+        # moves it into place once every rank has finished without error.
+        with (atomic_dir(out, overwrite) if rank == 0 else contextlib.nullcontext()) as tmp:
+            if world > 1:
+                box = [str(tmp) if rank == 0 else None]
+                dist.broadcast_object_list(box, src=0)
+                tmp = Path(box[0])
+            error = None
+            try:
+                if fmt == "deepspeed":
+                    from moe_merge.merge.ds_writer import DeepSpeedWriter
 
-                writer = DeepSpeedWriter(newest, tmp, optimizer_state)
-            else:
-                writer = ShardWriter(tmp, shards, metadata={"format": "pt"},
-                                     specs={o.name: (tuple(o.shape), f32) for o in outs})
-            # Inputs whose values lie in plain runs of their master partitions (the usual
-            # layouts) are added chunk by chunk straight from the files into a cache-sized
-            # float64 accumulator; others are first read (gathered) into a float32 staging
-            # buffer and added whole into a tensor-sized one. The float32 results go to the
-            # shard writer from two buffers used in turn (it holds at most one tensor).
-            most = max(math.prod(o.shape) for o in outs)
-            chunk_acc = np.empty(min(CHUNK, most), dtype=np.float64)
-            chunk_acc2 = np.empty(min(CHUNK, most), dtype=np.float64)
-            acc_buf = stage_buf = None
-            out_bufs = [np.empty(0, f32), np.empty(0, f32)]
-            # Read-ahead: the kernel is asked for the bytes of the next tensors (up to
-            # PREFETCH_BYTES ahead) while this one is being added, so that reads from disk
-            # overlap the work instead of stalling it.
-            ahead = {}
-            ahead_bytes = fetched = 0
-            for k, o in enumerate(outs):
-                n = math.prod(o.shape)
-                while fetched < len(outs) and (fetched <= k or ahead_bytes < PREFETCH_BYTES):
-                    upcoming = [_out_segments(r, outs[fetched], source) for r in readers]
-                    ahead[fetched] = (upcoming, _prefetch(upcoming))
-                    ahead_bytes += ahead[fetched][1]
-                    fetched += 1
-                segs, nbytes = ahead.pop(k)
-                ahead_bytes -= nbytes
-                direct = [(sg, wi, r.note_read if verify else None)
-                          for sg, wi, r in zip(segs, w, readers) if sg is not None]
-                gathered = [(r, wi) for sg, r, wi in zip(segs, readers, w) if sg is None]
-                acc = chunk_acc
-                if gathered:
-                    import torch
-
-                    if acc_buf is None:
-                        acc_buf = np.empty(most, dtype=np.float64)
-                        stage_buf = np.empty(most, dtype=np.float32)
-                    acc = acc_buf[:n]
-                    acc.fill(0.0)
-                    for r, wi in gathered:
-                        _read_out(r, o, source, out=torch.from_numpy(stage_buf[:n]).view(o.shape))
-                        _axpy(acc, stage_buf[:n], wi, chunk_acc)
-                if fmt != "deepspeed":
-                    if out_bufs[k % 2].size < n:
-                        out_bufs[k % 2] = np.empty(most, dtype=f32)
-                    merged = out_bufs[k % 2][:n]
+                    writer = DeepSpeedWriter(newest, tmp, optimizer_state)
                 else:
-                    merged = np.empty(n, dtype=f32)
-                args = ([d[0] for d in direct], [d[1] for d in direct], [d[2] for d in direct],
-                        merged)
-                mid = -(-n // (2 * CHUNK)) * CHUNK  # the second half goes to a helper thread
-                if mid >= n:
-                    total = _accumulate_chunked(acc, *args, zero=not gathered)
+                    writer = ShardWriter(tmp, shards, metadata={"format": "pt"},
+                                         specs={o.name: (tuple(o.shape), f32) for o in outs},
+                                         only=mine, index=rank == 0)
+                _merge_tensors(outs_mine, readers, chosen, w, writer, fmt, source,
+                               allow_nonfinite, verify, optimizer_state, bar)
+                for r in readers:
+                    r.wait_verified()  # a corrupted record read above fails the merge here
+                if fmt == "deepspeed":
+                    writer.finish()
+                    from moe_merge.merge.writer import sha256_file
+                    sha = {f"{writer.tag_dir.name}/{f.name}": sha256_file(f)
+                           for f in sorted(writer.tag_dir.iterdir()) if f.is_file()}
                 else:
-                    other = helper.submit(_accumulate_chunked, chunk_acc2 if not gathered else acc,
-                                          *args, zero=not gathered, span=(mid, n))
-                    total = _accumulate_chunked(acc, *args, zero=not gathered, span=(0, mid))
-                    total += other.result()
-                if bar is not None:
-                    bar.update(n * 4 * len(readers))
-                # A NaN or Inf in any input makes the weighted sum non-finite (0 * Inf is NaN),
-                # and a float64 sum of float32 values cannot overflow: one cheap reduction.
-                if not allow_nonfinite and not math.isfinite(total):
-                    _name_nonfinite(chosen, readers, o, source)
-                merged = merged.reshape(o.shape)
-                if fmt != "deepspeed":
-                    writer.add(o.name, merged)
-                    continue
-                import torch
-
-                moments = None
-                if optimizer_state == "merged":
-                    moments = {}
-                    for state in ("exp_avg", "exp_avg_sq"):
-                        m = torch.zeros(o.shape, dtype=torch.float64)
-                        for r, wi in zip(readers, w):
-                            m.add_(r.read(o.name, state=state), alpha=wi)
-                        moments[state] = m.to(torch.float32)
-                writer.write(o.name, torch.from_numpy(merged), moments)
-            for r in readers:
-                r.wait_verified()  # a corrupted record read above fails the merge here
-            if fmt == "deepspeed":
-                writer.finish()
-                from moe_merge.merge.writer import sha256_file
-                sha = {f"{writer.tag_dir.name}/{f.name}": sha256_file(f)
-                       for f in sorted(writer.tag_dir.iterdir()) if f.is_file()}
-            else:
-                sha = writer.finish()
-            if fmt == "hf":
-                for f in sorted(hf_dir.iterdir()):
-                    if f.is_file() and not f.name.endswith(WEIGHT_FILES) and f.name != MANIFEST \
-                            and not f.name.endswith(".index.json"):
-                        shutil.copy2(f, tmp / f.name)
+                    sha = writer.finish()
+            except (CheckpointError, MergeError) as e:
+                if world == 1:
+                    raise
+                error = e
+            if world > 1:  # every rank learns every rank's result: all fail, or none
+                results = [None] * world
+                dist.all_gather_object(results, (sha, None if error is None else
+                                                 (type(error).__name__, str(error))))
+                failed = next((err for _, err in results if err is not None), None)
+                if failed is not None:
+                    raise (MergeError if failed[0] == "MergeError" else CheckpointError)(failed[1])
+                sha = {k: v for part, _ in results for k, v in part.items()}
             manifest = {
                 "tool": f"moe-merge {__version__}",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -413,18 +374,144 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
                 "weights": w,
                 "hf_config": str(hf_dir) if hf_dir else None,
                 "params": newest.param_counts(),
+                "ranks": world,
                 "files": {name: {"sha256": digest} for name, digest in sorted(sha.items())},
             }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            if rank == 0:
+                if fmt == "hf":
+                    for f in sorted(hf_dir.iterdir()):
+                        if f.is_file() and not f.name.endswith(WEIGHT_FILES) \
+                                and f.name != MANIFEST and not f.name.endswith(".index.json"):
+                            shutil.copy2(f, tmp / f.name)
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if world > 1:
+            dist.barrier()  # the output is in place when any rank returns
     finally:
-        helper.shutdown()
         for r in readers:
             r.close()
         if bar is not None:
             bar.close()
-    echo(f"wrote {out} in {time.time() - t0:.1f} s ({len(sha)} shard(s), "
-         f"{total_bytes / 1e6:.1f} MB)")
+    echo(f"wrote {out} in {time.time() - t0:.1f} s ({len(sha)} file(s)"
+         f"{f', {world} ranks' if world > 1 else ''})")
     return manifest
+
+
+def _init_distributed():
+    """(rank, world size, torch.distributed) of a merge started by a launcher (deepspeed,
+    torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment). The ranks
+    exchange only small objects, over gloo on any machine."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise MergeError("--distributed: no RANK / WORLD_SIZE in the environment; start the "
+                         "merge with a launcher (deepspeed --module moe_merge.cli merge ...)")
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size(), dist
+
+
+def assign_shards(shards: list[list[str]], nbytes: dict[str, int], world: int) -> list[int]:
+    """The rank that merges each output shard: largest shards first, each to the rank with the
+    fewest bytes so far (deterministic, so every rank computes the same answer)."""
+    sizes = [sum(nbytes[n] for n in names) for names in shards]
+    load, owner = [0] * world, [0] * len(shards)
+    for i in sorted(range(len(shards)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += sizes[i]
+    return owner
+
+
+def _merge_tensors(outs: list[OutTensor], readers: list[DSCheckpoint], chosen: list[Tag],
+                   w: list[float], writer, fmt: str, source: str, allow_nonfinite: bool,
+                   verify: bool, optimizer_state: str, bar) -> None:
+    """Merge ``outs`` in order and hand each to ``writer``.
+
+    Inputs whose values lie in plain runs of their master partitions (the usual layouts) are
+    added chunk by chunk straight from the files into a cache-sized float64 accumulator;
+    others are first read (gathered) into a float32 staging buffer and added whole into a
+    tensor-sized one. The float32 results go to the shard writer from two buffers used in turn
+    (it holds at most one tensor). Two threads share each tensor's chunks (numpy and pread
+    release the GIL)."""
+    if not outs:
+        return
+    f32 = np.dtype(np.float32)
+    most = max(math.prod(o.shape) for o in outs)
+    chunk_acc = np.empty(min(CHUNK, most), dtype=np.float64)
+    chunk_acc2 = np.empty(min(CHUNK, most), dtype=np.float64)
+    acc_buf = stage_buf = None
+    out_bufs = [np.empty(0, f32), np.empty(0, f32)]
+    # Read-ahead: the kernel is asked for the bytes of the next tensors (up to PREFETCH_BYTES
+    # ahead) while this one is being added, so that reads from disk overlap the work.
+    ahead = {}
+    ahead_bytes = fetched = 0
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge")
+    try:
+        for k, o in enumerate(outs):
+            n = math.prod(o.shape)
+            while fetched < len(outs) and (fetched <= k or ahead_bytes < PREFETCH_BYTES):
+                upcoming = [_out_segments(r, outs[fetched], source) for r in readers]
+                ahead[fetched] = (upcoming, _prefetch(upcoming))
+                ahead_bytes += ahead[fetched][1]
+                fetched += 1
+            segs, nbytes = ahead.pop(k)
+            ahead_bytes -= nbytes
+            direct = [(sg, wi, r.note_read if verify else None)
+                      for sg, wi, r in zip(segs, w, readers) if sg is not None]
+            gathered = [(r, wi) for sg, r, wi in zip(segs, readers, w) if sg is None]
+            acc = chunk_acc
+            if gathered:
+                import torch
+
+                if acc_buf is None:
+                    acc_buf = np.empty(most, dtype=np.float64)
+                    stage_buf = np.empty(most, dtype=np.float32)
+                acc = acc_buf[:n]
+                acc.fill(0.0)
+                for r, wi in gathered:
+                    _read_out(r, o, source, out=torch.from_numpy(stage_buf[:n]).view(o.shape))
+                    _axpy(acc, stage_buf[:n], wi, chunk_acc)
+            if fmt != "deepspeed":
+                if out_bufs[k % 2].size < n:
+                    out_bufs[k % 2] = np.empty(most, dtype=f32)
+                merged = out_bufs[k % 2][:n]
+            else:
+                merged = np.empty(n, dtype=f32)
+            args = ([d[0] for d in direct], [d[1] for d in direct], [d[2] for d in direct],
+                    merged)
+            mid = -(-n // (2 * CHUNK)) * CHUNK  # the second half goes to a helper thread
+            if mid >= n:
+                total = _accumulate_chunked(acc, *args, zero=not gathered)
+            else:
+                other = helper.submit(_accumulate_chunked, chunk_acc2 if not gathered else acc,
+                                      *args, zero=not gathered, span=(mid, n))
+                total = _accumulate_chunked(acc, *args, zero=not gathered, span=(0, mid))
+                total += other.result()
+            if bar is not None:
+                bar.update(n * 4 * len(readers))
+            # A NaN or Inf in any input makes the weighted sum non-finite (0 * Inf is NaN), and
+            # a float64 sum of float32 values cannot overflow: one cheap reduction.
+            if not allow_nonfinite and not math.isfinite(total):
+                _name_nonfinite(chosen, readers, o, source)
+            merged = merged.reshape(o.shape)
+            if fmt != "deepspeed":
+                writer.add(o.name, merged)
+                continue
+            import torch
+
+            moments = None
+            if optimizer_state == "merged":
+                moments = {}
+                for state in ("exp_avg", "exp_avg_sq"):
+                    m = torch.zeros(o.shape, dtype=torch.float64)
+                    for r, wi in zip(readers, w):
+                        m.add_(r.read(o.name, state=state), alpha=wi)
+                    moments[state] = m.to(torch.float32)
+            writer.write(o.name, torch.from_numpy(merged), moments)
+    finally:
+        helper.shutdown()
 
 
 def hf_state(tag_dir: str | Path, hf_dir: str | Path, source: str = "master"

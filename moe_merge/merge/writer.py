@@ -152,7 +152,10 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: Path, shards: list[list[str]], metadata: dict[str, str],
-                 specs: dict[str, tuple[tuple[int, ...], np.dtype]]):
+                 specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+                 only: set[int] | None = None, index: bool = True):
+        """``only``: the shards this writer writes (the others are another process's, in a
+        distributed merge); ``index``: write ``model.safetensors.index.json``."""
         self.out_dir = Path(out_dir)
         self.metadata = metadata
         self.specs = specs
@@ -161,11 +164,13 @@ class ShardWriter:
                       [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self.shards = shards
         self.shard_of = {name: i for i, names in enumerate(shards) for name in names}
-        self.remaining = [len(names) for names in shards]
+        self.only = set(range(n)) if only is None else set(only)
+        self.index = index
+        self.remaining = [len(names) if i in self.only else 0 for i, names in enumerate(shards)]
         self.next = [0] * n
         self.open: dict[int, tuple] = {}  # shard -> (file, sha256)
         self.sha256: dict[str, str] = {}
-        self.total_size = 0
+        self.total_size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
         # Writing and hashing (both release the GIL) run in one background thread, so they
         # overlap the reading and averaging of the next tensor; at most one tensor in flight.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
@@ -187,11 +192,10 @@ class ShardWriter:
     def add(self, name: str, tensor: np.ndarray) -> None:
         i = self.shard_of[name]
         shape, dtype = self.specs[name]
-        if self.shards[i][self.next[i]] != name or tuple(tensor.shape) != tuple(shape) \
+        if i not in self.only or self.shards[i][self.next[i]] != name or tuple(tensor.shape) != tuple(shape) \
                 or tensor.dtype != dtype:
             raise RuntimeError(f"internal error: tensor {name} {tuple(tensor.shape)} {tensor.dtype} "
                                f"out of the planned order or shape")
-        self.total_size += tensor.nbytes
         self.next[i] += 1
         self.remaining[i] -= 1
         if self._last is not None:
@@ -222,7 +226,7 @@ class ShardWriter:
         left = [n for n, i in self.shard_of.items() if self.remaining[i] > 0]
         if left:
             raise RuntimeError(f"internal error: tensor {left[0]} was never written")
-        if len(self.files) > 1:
+        if len(self.files) > 1 and self.index:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {n: self.files[i] for n, i in self.shard_of.items()}}
             (self.out_dir / "model.safetensors.index.json").write_text(
