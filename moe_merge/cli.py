@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                " or deepspeed --num_gpus N --module moe_merge.train RECIPE [key=value ...].",
     )
     ap.add_argument("--version", action="version", version=f"moe-merge {__version__}")
+    # the deepspeed launcher passes --local_rank=N before the command (merge --distributed)
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     dr = sub.add_parser("dry-run", help="validate a recipe; print the resolved recipe, DeepSpeed "
