@@ -93,7 +93,7 @@ def main() -> None:
     print(f"\n{args.recipe} {' '.join(args.overrides)}: {args.steps} steps, "
           f"{cfg.tokens_per_step} tokens/step, first {args.skip} left out, "
           f"median of {args.repeats}")
-    print(f"| loop | tokens/s (median) | runs | ratio to bare |\n|---|---|---|---|")
+    print("| loop | tokens/s (median) | runs | ratio to bare |\n|---|---|---|---|")
     for kind, vals in results.items():
         med = statistics.median(vals)
         print(f"| {kind} | {med:.0f} | {', '.join(f'{v:.0f}' for v in vals)} | {med / base:.3f} |")

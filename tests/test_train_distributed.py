@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (DECAY, DENSE_RECIPE, MOE_RECIPE, REPO, TINY_MOE, launch, read_metrics,
+from conftest import (DECAY, MOE_RECIPE, REPO, TINY_MOE, launch, read_metrics,
                       train_losses)
 from moe_merge.monitor import MOE_SCALARS, TRAIN_SCALARS, VAL_SCALARS
 
