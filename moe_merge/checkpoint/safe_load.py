@@ -74,6 +74,11 @@ class Record:
     itemsize: int
 
 
+def _span(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """Elements of storage that a strided tensor of this shape covers (0 when empty)."""
+    return 1 + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else 0
+
+
 class LazyTensor:
     """A tensor of a checkpoint file, not read: its record, element offset, shape and strides."""
 
@@ -121,11 +126,9 @@ class LazyTensor:
         import torch
 
         dtype = getattr(torch, self.dtype)
-        n = self.numel()
-        if n == 0:
+        if self.numel() == 0:
             return torch.empty(self.shape, dtype=dtype)
-        span = 1 + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
-        raw = torch.empty(span * self.record.itemsize, dtype=torch.uint8)
+        raw = torch.empty(_span(self.shape, self.stride) * self.record.itemsize, dtype=torch.uint8)
         with open(self.record.path, "rb") as f:
             pread_exact(f.fileno(), memoryview(raw.numpy()), self.file_offset, self.record.path)
         return raw.view(dtype).as_strided(self.shape, self.stride)
@@ -145,8 +148,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_):
     if not isinstance(storage, Record):
         raise pickle.UnpicklingError("tensor without a storage record")
     shape, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    span = 1 + sum((s - 1) * st for s, st in zip(shape, stride)) if all(shape) else 0
-    if (int(storage_offset) + span) * storage.itemsize > storage.nbytes:
+    if (int(storage_offset) + _span(shape, stride)) * storage.itemsize > storage.nbytes:
         raise pickle.UnpicklingError(f"tensor of shape {list(shape)} overruns its record "
                                      f"{storage.name}")
     return LazyTensor(storage, int(storage_offset), shape, stride)
@@ -185,8 +187,7 @@ ALLOWED: dict[tuple[str, str], Any] = {
     **{("torch", name): _StorageType(name) for name in STORAGES},
     **{tuple(path.rsplit(".", 1)): cls for cls, path in ALLOWED_GLOBALS},
 }
-_DTYPE_NAMES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8",
-                "uint8", "bool"}
+_DTYPE_NAMES = {dtype for dtype, _ in STORAGES.values()}
 
 
 class _Unpickler(pickle.Unpickler):

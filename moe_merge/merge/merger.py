@@ -305,8 +305,8 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
     f32 = np.dtype(np.float32)
     shards = plan_shards([(o.name, o.shape, f32) for o in outs], shard_bytes)
     if world > 1:
-        mine = {i for i, r in enumerate(assign_shards(shards, dict(
-            (o.name, math.prod(o.shape) * 4) for o in outs), world)) if r == rank}
+        nbytes = {o.name: math.prod(o.shape) * 4 for o in outs}
+        mine = {i for i, r in enumerate(assign_shards(shards, nbytes, world)) if r == rank}
         owned = {name for i in mine for name in shards[i]}
         outs_mine = [o for o in outs if o.name in owned]
     else:
