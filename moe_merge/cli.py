@@ -56,6 +56,22 @@ def _study(args) -> int:
     return 0
 
 
+def _analyze(args) -> int:
+    from moe_merge.evals.analyze import analyze, render
+
+    tags = [t for t in args.tags.split(",") if t.strip()] if args.tags else None
+    result = analyze(args.ckpts, strategy=args.strategy, alpha=args.alpha, weights=args.weights,
+                     last=args.last, every=args.every, tags=tags, reference=args.reference,
+                     recipe=args.recipe, overrides=args.set or [], hf_config=args.hf_config,
+                     batches=args.batches, float64=args.float64, out=args.out,
+                     overwrite=args.overwrite, progress=not args.quiet,
+                     echo=lambda s: print(s, file=sys.stderr, flush=True))
+    print(json.dumps(result, indent=1) if args.json else render(result), end="")
+    if args.out and not args.json:
+        print(f"written: {args.out}/analysis.json, report.md, hessian_terms.png")
+    return 0
+
+
 def _eval(args) -> int:
     from moe_merge.evals.loss import evaluate
 
@@ -147,6 +163,38 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--quick", action="store_true",
                     help="a tiny model and a short run (a few minutes; for tests)")
 
+    an = sub.add_parser("analyze", help="measure why merging helps: Hessian-vector products give "
+                                        "δ_iᵀHδ_j of the merged checkpoints, the predicted and "
+                                        "the measured gain")
+    an.add_argument("ckpts", nargs="+", metavar="CKPT",
+                    help="run directories, checkpoints/ directories or global_stepN/ directories")
+    an.add_argument("--strategy", default="sma", choices=["sma", "wma", "ema"],
+                    help="merge weights, as for merge (default sma)")
+    an.add_argument("--alpha", type=float, default=None, help="EMA smoothing")
+    an.add_argument("--weights", type=_floats, default=None, help="explicit weights, oldest first")
+    an.add_argument("--last", type=int, default=None, help="the newest N checkpoints")
+    an.add_argument("--every", type=int, default=None, help="every K-th checkpoint from the newest")
+    an.add_argument("--tags", default=None, help="comma-separated tags")
+    an.add_argument("--reference", default=None,
+                    help="expand around this point instead of the merged weights: a checkpoint "
+                         "tag, a run (its newest tag) or an HF model directory, e.g. an annealed "
+                         "branch as a stand-in for the optimum θ* of the paper's derivation")
+    an.add_argument("--recipe", default=None,
+                    help="recipe giving the validation batches (default: the run's recipe.yaml)")
+    an.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="recipe override for the batches, e.g. --set logging.val_batches=16")
+    an.add_argument("--batches", type=int, default=None,
+                    help="use only the first B validation micro-batches (each costs one "
+                         "Hessian-vector product per checkpoint)")
+    an.add_argument("--float64", action="store_true",
+                    help="compute in float64 (slower; removes float32 rounding from small gains)")
+    an.add_argument("--hf-config", default=None, help="HF config directory when the run has no hf/")
+    an.add_argument("--out", default=None, help="write analysis.json, report.md and "
+                                                "hessian_terms.png into this directory")
+    an.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    an.add_argument("--json", action="store_true", help="print the full result as JSON")
+    an.add_argument("--quiet", action="store_true", help="no progress bar")
+
     ev = sub.add_parser("eval", help="validation loss and perplexity of an HF model directory or "
                                      "a checkpoint on the run's fixed validation batches")
     ev.add_argument("model", help="HF model directory (e.g. a merge output), run directory, or "
@@ -194,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         ap.print_help()
         return 0
-    handlers = {"inspect": _inspect, "merge": _merge, "eval": _eval, "study": _study}
+    handlers = {"inspect": _inspect, "merge": _merge, "eval": _eval, "study": _study,
+                "analyze": _analyze}
     try:
         return handlers[args.command](args)
     except Exception as e:

@@ -1,0 +1,397 @@
+"""``moe-merge analyze``: measure the second-order mechanism of merging with Hessian-vector products.
+
+PAPER.md explains the merge gain with a second-order expansion: with deviations δ_i = θ_i − θ_r
+from a point θ_r and H the Hessian of the validation loss there,
+
+    L(θ_i) ≈ L(θ_r) + gᵀδ_i + ½ δ_iᵀHδ_i,      θ̄ = Σ w_i θ_i,  δ̄ = Σ w_i δ_i.
+
+The weighted mean of the individual losses minus the merged loss is then
+
+    gain = ½ [Σ_i w_i δ_iᵀHδ_i − δ̄ᵀHδ̄] = ½ [Σ_i w_i (1 − w_i) D_ii − Σ_{i≠j} w_i w_j D_ij]
+
+with D_ij = δ_iᵀHδ_j: the gradient cancels, merging helps when the cross-terms are negative
+(complementary deviations), and for SMA (w_i = 1/k) it is the paper's condition
+Σ_{i≠j} D_ij < (k − 1) Σ_i D_ii. For a quadratic loss all of this is exact and does not depend on θ_r.
+
+This module measures D with Hessian-vector products (double backward, one per checkpoint per
+batch) at θ_r (by default the merged weights, so δ̄ = 0), the gradient term gᵀδ_i, and the
+losses themselves, so the predicted gain can be set against the measured one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# (model, batch) -> summed loss over the batch's tokens (a scalar tensor) and the token count
+LossFn = Callable[[torch.nn.Module, object], "tuple[torch.Tensor, int]"]
+
+
+@dataclass
+class SecondOrder:
+    """The measured terms, all on the same batches (index i follows the input order)."""
+
+    weights: list[float]
+    loss_reference: float        # L(θ_r)
+    loss_merged: float           # L(θ̄)
+    loss_points: list[float]     # L(θ_i)
+    grad_dot: list[float]        # gᵀδ_i, g = ∇L(θ_r)
+    D: list[list[float]]         # δ_iᵀ H δ_j, H = ∇²L(θ_r)
+    delta_norm: list[float]      # |δ_i|
+    tokens: int
+
+    # ---- derived ------------------------------------------------------------------------
+    def _w(self):
+        return self.weights, len(self.weights)
+
+    @property
+    def merged_delta_hessian(self) -> float:
+        """δ̄ᵀHδ̄ = Σ_ij w_i w_j D_ij (0 when θ_r is the merged point)."""
+        w, k = self._w()
+        return sum(w[i] * w[j] * self.D[i][j] for i in range(k) for j in range(k))
+
+    @property
+    def predicted_gain(self) -> float:
+        """½ [Σ w_i D_ii − δ̄ᵀHδ̄]: second-order prediction of Σ w_i L(θ_i) − L(θ̄)."""
+        w, k = self._w()
+        return 0.5 * (sum(w[i] * self.D[i][i] for i in range(k)) - self.merged_delta_hessian)
+
+    @property
+    def measured_gain(self) -> float:
+        return sum(wi * li for wi, li in zip(self.weights, self.loss_points)) - self.loss_merged
+
+    @property
+    def predicted_gain_vs_latest(self) -> float:
+        """Second-order prediction of L(θ_k) − L(θ̄), θ_k the last (newest) point."""
+        g_bar = sum(wi * gi for wi, gi in zip(self.weights, self.grad_dot))
+        return (self.grad_dot[-1] + 0.5 * self.D[-1][-1]) - (g_bar + 0.5 * self.merged_delta_hessian)
+
+    @property
+    def measured_gain_vs_latest(self) -> float:
+        return self.loss_points[-1] - self.loss_merged
+
+    def cross_terms(self) -> dict:
+        """The off-diagonal D_ij (i < j): how many are negative (complementary pairs), their
+        weighted sum Σ_{i≠j} w_i w_j D_ij against the diagonal Σ w_i (1 − w_i) D_ii, and the
+        paper's SMA form."""
+        w, k = self._w()
+        off = [self.D[i][j] for i in range(k) for j in range(i + 1, k)]
+        cross_w = sum(w[i] * w[j] * self.D[i][j] for i in range(k) for j in range(k) if i != j)
+        diag_w = sum(w[i] * (1 - w[i]) * self.D[i][i] for i in range(k))
+        cross = sum(self.D[i][j] for i in range(k) for j in range(k) if i != j)
+        diag = sum(self.D[i][i] for i in range(k))
+        return {"pairs": len(off), "negative": sum(x < 0 for x in off),
+                "negative_fraction": (sum(x < 0 for x in off) / len(off)) if off else None,
+                "weighted_cross": cross_w, "weighted_diagonal": diag_w,
+                "merging_helps": cross_w < diag_w,
+                "paper_sma": {"cross": cross, "k_minus_1_diagonal": (k - 1) * diag,
+                              "holds": cross < (k - 1) * diag}}
+
+    def cosine(self) -> list[list[float | None]]:
+        """D_ij / sqrt(D_ii D_jj): the angle between deviations in the Hessian's metric (None
+        where the curvature along a deviation is not positive)."""
+        k = len(self.D)
+        return [[self.D[i][j] / math.sqrt(self.D[i][i] * self.D[j][j])
+                 if self.D[i][i] > 0 and self.D[j][j] > 0 else None for j in range(k)]
+                for i in range(k)]
+
+    def per_point(self) -> list[dict]:
+        """Each point's loss against θ_r: measured, first-order and second-order prediction."""
+        return [{"measured": li - self.loss_reference, "first_order": g,
+                 "second_order": g + 0.5 * self.D[i][i],
+                 "curvature": self.D[i][i] / n ** 2 if n > 0 else None}
+                for i, (li, g, n) in enumerate(zip(self.loss_points, self.grad_dot,
+                                                   self.delta_norm))]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "merged_delta_hessian": self.merged_delta_hessian,
+                "gain": {"measured": self.measured_gain, "predicted": self.predicted_gain},
+                "gain_vs_latest": {"measured": self.measured_gain_vs_latest,
+                                   "predicted": self.predicted_gain_vs_latest},
+                "cross_terms": self.cross_terms(), "cosine": self.cosine(),
+                "per_point": self.per_point()}
+
+
+def _set(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+
+
+def second_order(model: torch.nn.Module, points: Sequence[dict], weights: Sequence[float],
+                 batches: Sequence, loss_fn: LossFn, reference: dict | None = None,
+                 progress: bool = False) -> SecondOrder:
+    """Measure the second-order terms of merging ``points`` (state dicts holding every
+    parameter of ``model`` by name) with ``weights``, on ``batches``.
+
+    The loss is the token mean over all batches: ``loss_fn`` returns each batch's summed loss
+    and token count. H and g are taken at ``reference`` (default: the merged weights). The
+    model is left holding the merged weights."""
+    from tqdm.auto import tqdm
+
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    missing = [n for n in names if any(n not in pt for pt in points)]
+    if missing:
+        raise KeyError(f"the checkpoints hold no parameter {missing[0]!r} of the model")
+    k = len(points)
+    w = [float(x) for x in weights]
+    dtype = params[0].dtype
+    merged = []
+    for n in names:
+        acc = torch.zeros(points[0][n].shape, dtype=torch.float64)
+        for wi, pt in zip(w, points):
+            acc.add_(pt[n].to(torch.float64), alpha=wi)
+        merged.append(acc)
+    ref = merged if reference is None else [reference[n].to(torch.float64) for n in names]
+    deltas = [[(pt[n].to(torch.float64) - r).to(dtype) for n, r in zip(names, ref)]
+              for pt in points]
+
+    def mean_loss(values) -> tuple[float, int]:
+        _set(params, values)
+        total, count = 0.0, 0
+        model.eval()
+        with torch.no_grad():
+            for b in batches:
+                s, c = loss_fn(model, b)
+                total += float(s)
+                count += c
+        return total / count, count
+
+    loss_points = [mean_loss([pt[n] for n in names])[0] for pt in points]
+    loss_merged, tokens = mean_loss(merged)
+    loss_ref = loss_merged if reference is None else mean_loss(ref)[0]
+
+    _set(params, ref)
+    D = torch.zeros(k, k, dtype=torch.float64)
+    grad_dot = torch.zeros(k, dtype=torch.float64)
+    bar = tqdm(total=len(batches) * k, desc="Hessian-vector products", unit="hvp",
+               disable=not progress, leave=False)
+    for b in batches:
+        s, _ = loss_fn(model, b)
+        g = torch.autograd.grad(s / tokens, params, create_graph=True)
+        for i in range(k):
+            grad_dot[i] += sum(torch.dot(gp.detach().reshape(-1).double(), dp.reshape(-1).double())
+                               for gp, dp in zip(g, deltas[i]))
+        for j in range(k):
+            gv = sum((gp * dp).sum() for gp, dp in zip(g, deltas[j]))
+            hv = torch.autograd.grad(gv, params, retain_graph=j < k - 1, allow_unused=True)
+            for i in range(k):
+                D[i, j] += sum(torch.dot(h.reshape(-1).double(), dp.reshape(-1).double())
+                               for h, dp in zip(hv, deltas[i]) if h is not None)
+            bar.update()
+        del g
+    bar.close()
+    _set(params, merged)
+    # H is symmetric: average out the float rounding of the two products
+    D = 0.5 * (D + D.T)
+    norms = [math.sqrt(sum(float(dp.double().pow(2).sum()) for dp in d)) for d in deltas]
+    return SecondOrder(weights=w, loss_reference=loss_ref, loss_merged=loss_merged,
+                       loss_points=loss_points, grad_dot=grad_dot.tolist(), D=D.tolist(),
+                       delta_norm=norms, tokens=tokens)
+
+
+def lm_loss_sum(model: torch.nn.Module, batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross entropy of a [b, seq_len + 1] token window batch (the LM loss
+    that ``val/loss`` reports, without the router's auxiliary loss)."""
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(batch)
+    logits = model(input_ids=x[:, :-1]).logits
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                           reduction="sum")
+    return loss, x[:, 1:].numel()
+
+
+def _state_of(path: Path, hf_dir: Path) -> dict:
+    """The HF state dict of a checkpoint tag, a run (its newest tag) or an HF model directory."""
+    from moe_merge.checkpoint.discover import find_tags
+    from moe_merge.merge.merger import hf_state
+    from moe_merge.merge.strategies import MergeError
+
+    if (path / "config.json").is_file():
+        from safetensors.torch import load_file
+
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise MergeError(f"--reference {path}: an HF directory without .safetensors weights")
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    if not path.exists():
+        raise MergeError(f"--reference {path}: no such file or directory")
+    return hf_state(find_tags([path])[-1].path, hf_dir)
+
+
+def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float | None = None,
+            weights: Sequence[float] | None = None, last: int | None = None,
+            every: int | None = None, tags: Sequence[str] | None = None,
+            reference: str | Path | None = None, recipe: str | Path | None = None,
+            overrides: Sequence[str] = (), hf_config: str | Path | None = None,
+            batches: int | None = None, float64: bool = False, out: str | Path | None = None,
+            overwrite: bool = False, progress: bool = True, echo=print) -> dict:
+    """Select checkpoints as ``moe-merge merge`` does, measure the second-order terms of their
+    merge on the run's fixed validation batches, and write ``analysis.json`` and
+    ``hessian_terms.png`` into ``out`` (atomically) when given."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moe_merge.checkpoint.discover import hf_dir_for
+    from moe_merge.config import load_recipe
+    from moe_merge.evals.loss import eval_windows, recipe_for
+    from moe_merge.merge.merger import hf_state, plan
+    from moe_merge.merge.strategies import MergeError
+
+    chosen, w = plan(ckpts, strategy, alpha, weights, last, every, tags)
+    if len(chosen) < 2:
+        raise MergeError("analyze needs at least 2 checkpoints (use --last N)")
+    if reference is not None and not Path(reference).exists():
+        raise MergeError(f"--reference {reference}: no such file or directory")
+    if out is not None:
+        out = Path(out)
+        if out.exists() and not overwrite:
+            raise MergeError(f"--out {out} exists (use --overwrite)")
+    hf_dir = hf_dir_for(chosen, hf_config)
+    if hf_dir is None:
+        raise MergeError(f"{chosen[-1].path}: no hf/config.json in its run; pass --hf-config DIR")
+    recipe_path = Path(recipe) if recipe else recipe_for(chosen[-1].path)
+    if recipe_path is None:
+        raise MergeError(f"{chosen[-1].path}: cannot find the run's recipe.yaml for its "
+                         "validation batches; pass --recipe RECIPE")
+    cfg = load_recipe(recipe_path, list(overrides))
+    windows = eval_windows(cfg)
+    mb = cfg.parallel.micro_batch
+    data = [windows[i:i + mb] for i in range(0, len(windows), mb)]
+    if batches is not None:
+        if batches < 1:
+            raise MergeError(f"--batches must be >= 1, got {batches}")
+        data = data[:batches]
+    dtype = torch.float64 if float64 else torch.float32
+    # eager attention and experts: plain ops, twice differentiable in any dtype (the fused CPU
+    # attention kernel has no double backward, grouped_mm no float64)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(hf_dir)), dtype=dtype,
+                                             attn_implementation="eager",
+                                             experts_implementation="eager")
+    echo(f"analyze: {len(chosen)} checkpoints (steps {', '.join(str(t.step) for t in chosen)}), "
+         f"weights {', '.join(f'{x:.3f}' for x in w)}; {len(data)} batches of {mb} x "
+         f"{cfg.data.seq_len} tokens; {len(chosen) * len(data)} Hessian-vector products")
+    points = [hf_state(t.path, hf_dir) for t in chosen]
+    ref = None if reference is None else _state_of(Path(reference), hf_dir)
+    terms = second_order(model, points, w, data, lm_loss_sum, reference=ref, progress=progress)
+    result = {"checkpoints": [str(t.path) for t in chosen], "steps": [t.step for t in chosen],
+              "strategy": strategy, "alpha": alpha,
+              "reference": str(reference) if reference is not None else "merged",
+              "recipe": str(recipe_path), "batches": len(data), "dtype": str(dtype).split(".")[-1],
+              **terms.to_dict()}
+    if out is not None:
+        _write(out, result, overwrite)
+    return result
+
+
+def _write(out: Path, result: dict, overwrite: bool) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+        plot(result, tmp / "hessian_terms.png")
+        (tmp / "report.md").write_text(render(result, markdown=True))
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def render(r: dict, markdown: bool = False) -> str:
+    """The analysis as text (or a markdown report)."""
+    k = len(r["steps"])
+    ct = r["cross_terms"]
+    lines = []
+    h = "## " if markdown else ""
+    alpha = f" alpha {r['alpha']}" if r["alpha"] else ""
+    lines.append(f"{h}Second-order terms of merging {k} checkpoints (steps "
+                 f"{', '.join(map(str, r['steps']))}; {r['strategy']}{alpha})")
+    lines.append("")
+    lines.append(f"expansion point: {r['reference']}; {r['batches']} validation batches, "
+                 f"{r['tokens']:,} tokens, {r['dtype']}")
+    lines.append(f"merged loss {r['loss_merged']:.5f}; weighted mean of the checkpoints' losses "
+                 f"{r['loss_merged'] + r['gain']['measured']:.5f}; latest {r['loss_points'][-1]:.5f}")
+    lines.append(f"gain over the mean checkpoint: measured {r['gain']['measured']:+.5f}, "
+                 f"second-order prediction {r['gain']['predicted']:+.5f}")
+    lines.append(f"gain over the latest checkpoint: measured {r['gain_vs_latest']['measured']:+.5f}, "
+                 f"prediction {r['gain_vs_latest']['predicted']:+.5f}")
+    if ct["pairs"]:
+        lines.append(f"cross-terms δ_iᵀHδ_j (i<j): {ct['negative']} of {ct['pairs']} negative "
+                     f"({100 * ct['negative_fraction']:.0f}%); Σ_(i≠j) w_i w_j D_ij = "
+                     f"{ct['weighted_cross']:.4g} against Σ w_i(1-w_i) D_ii = "
+                     f"{ct['weighted_diagonal']:.4g} (merging helps: {ct['merging_helps']})")
+    lines.append("")
+    if markdown:
+        lines.append("| step | weight | L(θ_i) − L(θ_r) | gᵀδ_i | gᵀδ_i + ½δ_iᵀHδ_i | |δ_i| | "
+                     "curvature δᵀHδ/|δ|² |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for s, wi, p, n in zip(r["steps"], r["weights"], r["per_point"], r["delta_norm"]):
+            cur = "n/a" if p["curvature"] is None else f"{p['curvature']:.4g}"
+            lines.append(f"| {s} | {wi:.3f} | {p['measured']:+.5f} | {p['first_order']:+.5f} | "
+                         f"{p['second_order']:+.5f} | {n:.4g} | {cur} |")
+        lines.append("")
+        lines.append("D_ij = δ_iᵀHδ_j:")
+        lines.append("")
+        lines.append("| | " + " | ".join(map(str, r["steps"])) + " |")
+        lines.append("|---" * (k + 1) + "|")
+        for s, row in zip(r["steps"], r["D"]):
+            lines.append(f"| {s} | " + " | ".join(f"{x:.4g}" for x in row) + " |")
+        lines.append("")
+        lines.append("![Hessian terms](hessian_terms.png)")
+    else:
+        lines.append(f"{'step':>8} {'weight':>7} {'measured':>10} {'1st order':>10} "
+                     f"{'2nd order':>10} {'|δ|':>9}")
+        for s, wi, p, n in zip(r["steps"], r["weights"], r["per_point"], r["delta_norm"]):
+            lines.append(f"{s:>8} {wi:>7.3f} {p['measured']:>+10.5f} {p['first_order']:>+10.5f} "
+                         f"{p['second_order']:>+10.5f} {n:>9.4g}")
+        lines.append("(measured: L(θ_i) − L(θ_r); predictions to first and second order)")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    steps = r["steps"]
+    k = len(steps)
+    cos = np.array([[np.nan if x is None else x for x in row] for row in r["cosine"]])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.3))
+    im = a.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1)
+    a.set_xticks(range(k), [str(s) for s in steps], rotation=90 if k > 8 else 0)
+    a.set_yticks(range(k), [str(s) for s in steps])
+    a.set_title("δ_iᵀHδ_j / √(δ_iᵀHδ_i · δ_jᵀHδ_j)\n(blue: complementary deviations)")
+    a.set_xlabel("checkpoint step")
+    fig.colorbar(im, ax=a, fraction=0.046)
+    pp = r["per_point"]
+    x = np.arange(k)
+    b.bar(x - 0.2, [p["measured"] for p in pp], 0.4, label="measured L(θ_i) − L(θ_r)")
+    b.bar(x + 0.2, [p["second_order"] for p in pp], 0.4, label="gᵀδ_i + ½ δ_iᵀHδ_i")
+    b.plot(x, [p["first_order"] for p in pp], "k.", label="gᵀδ_i")
+    b.axhline(0, color="grey", lw=0.5)
+    b.set_xticks(x, [str(s) for s in steps], rotation=90 if k > 8 else 0)
+    b.set_xlabel("checkpoint step")
+    b.set_title(f"gain: measured {r['gain']['measured']:+.4f}, predicted "
+                f"{r['gain']['predicted']:+.4f}")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,195 @@
+"""moe-merge analyze: Hessian-vector-product terms against exact second derivatives."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_merge.evals.analyze import second_order
+from tests.conftest import PY, run_cli
+
+F64 = torch.float64
+
+
+def _sq_loss(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).sum(), y.numel()
+
+
+def _points(model, k, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return [{n: v + scale * torch.randn(v.shape, generator=g, dtype=F64) for n, v in base.items()}
+            for _ in range(k)]
+
+
+def _flat_loss(model, batches):
+    """The mean loss as a function of one flat parameter vector (for autograd's Hessian)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    tokens = sum(_sq_loss(model, b)[1] for b in batches)
+
+    def f(flat):
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = flat[i:i + s.numel()].reshape(s)
+            i += s.numel()
+        total = sum(((torch.func.functional_call(model, params, (x,)) - y) ** 2).sum()
+                    for x, y in batches)
+        return total / tokens
+
+    return f, names
+
+
+def _flat(state, names):
+    return torch.cat([state[n].reshape(-1) for n in names])
+
+
+def _data(seed, n_batches=3, d_in=5, d_out=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(7, d_in, generator=g, dtype=F64),
+             torch.randn(7, d_out, generator=g, dtype=F64))
+            for _ in range(n_batches)]
+
+
+@pytest.mark.parametrize("weights", [[0.25] * 4, [0.1, 0.2, 0.3, 0.4]])
+def test_quadratic_model_matches_exact_second_order_terms(weights):
+    """Least squares is exactly quadratic: the HVP terms equal δ_iᵀHδ_j from autograd's full
+    Hessian, each checkpoint's loss equals its second-order expansion, and the predicted gain
+    equals the measured one, around the merged point or any other."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3).double()
+    batches = _data(1)
+    pts = _points(model, 4, 0.5, seed=2)
+    f, names = _flat_loss(model, batches)
+    merged = sum(w * _flat(p, names) for w, p in zip(weights, pts))
+    H = torch.autograd.functional.hessian(f, merged)
+    deltas = torch.stack([_flat(p, names) - merged for p in pts])
+    exact = deltas @ H @ deltas.T
+
+    t = second_order(model, pts, weights, batches, _sq_loss)
+    D = torch.tensor(t.D, dtype=F64)
+    assert torch.allclose(D, exact, rtol=1e-10, atol=1e-12)
+    g = torch.autograd.functional.jacobian(f, merged)
+    assert torch.allclose(torch.tensor(t.grad_dot, dtype=F64), deltas @ g, rtol=1e-10, atol=1e-12)
+    assert t.loss_merged == pytest.approx(float(f(merged)), rel=1e-12)
+    for p, li in zip(t.per_point(), t.loss_points):
+        assert p["measured"] == pytest.approx(p["second_order"], abs=1e-10)
+        assert li - t.loss_merged == pytest.approx(p["measured"], abs=1e-12)
+    assert t.measured_gain > 0
+    assert t.predicted_gain == pytest.approx(t.measured_gain, rel=1e-9)
+    assert t.predicted_gain_vs_latest == pytest.approx(t.measured_gain_vs_latest, rel=1e-9)
+    # around the merged point the weighted deviations cancel: Σ_ij w_i w_j D_ij = 0
+    assert abs(t.merged_delta_hessian) < 1e-10 * float(exact.abs().max())
+
+    # expanded around another point (the model's initial weights): the same gain, exactly
+    ref = {n: p.detach().clone() for n, p in torch.nn.Linear(5, 3).double().named_parameters()}
+    t2 = second_order(model, pts, weights, batches, _sq_loss, reference=ref)
+    assert abs(t2.merged_delta_hessian) > 1e-3
+    assert t2.predicted_gain == pytest.approx(t.measured_gain, rel=1e-9)
+    assert t2.measured_gain == pytest.approx(t.measured_gain, rel=1e-12)
+
+
+def test_sma_gain_is_the_papers_cross_term_condition():
+    """For SMA the gain is (1/2k²)[(k−1)Σ D_ii − Σ_(i≠j) D_ij] (PAPER.md's mechanism)."""
+    model = torch.nn.Linear(4, 2).double()
+    pts = _points(model, 5, 0.3, seed=3)
+    t = second_order(model, pts, [0.2] * 5, _data(4, d_in=4, d_out=2), _sq_loss,
+                     reference={n: p.detach() for n, p in model.named_parameters()})
+    k = 5
+    diag = sum(t.D[i][i] for i in range(k))
+    cross = sum(t.D[i][j] for i in range(k) for j in range(k) if i != j)
+    assert t.predicted_gain == pytest.approx(((k - 1) * diag - cross) / (2 * k * k), rel=1e-10)
+    ct = t.cross_terms()
+    assert ct["paper_sma"]["holds"] == (t.predicted_gain > 0) == ct["merging_helps"]
+    assert ct["pairs"] == 10 and 0 <= ct["negative"] <= 10
+
+
+def test_hessian_vector_products_of_a_nonlinear_model():
+    """A tanh MLP: the HVP terms equal the exact Hessian's, the gradient term the exact
+    gradient's; the prediction is only second-order accurate, closer for closer checkpoints."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+    batches = _data(6, d_in=3, d_out=2)
+    f, names = _flat_loss(model, batches)
+    errors = []
+    for scale in (0.1, 0.01):
+        pts = _points(model, 3, scale, seed=7)
+        w = [0.2, 0.3, 0.5]
+        merged = sum(wi * _flat(p, names) for wi, p in zip(w, pts))
+        H = torch.autograd.functional.hessian(f, merged)
+        deltas = torch.stack([_flat(p, names) - merged for p in pts])
+        t = second_order(model, pts, w, batches, _sq_loss)
+        assert torch.allclose(torch.tensor(t.D, dtype=F64), deltas @ H @ deltas.T, rtol=1e-9, atol=1e-14)
+        errors.append(abs(t.predicted_gain - t.measured_gain) / abs(t.measured_gain))
+    assert errors[1] < errors[0] and errors[1] < 0.05
+
+
+def test_missing_parameter_is_named():
+    model = torch.nn.Linear(2, 2).double()
+    pts = [{"weight": torch.zeros(2, 2, dtype=F64)}] * 2
+    with pytest.raises(KeyError, match="bias"):
+        second_order(model, pts, [0.5, 0.5], _data(0, d_in=2, d_out=2), _sq_loss)
+
+
+def test_analyze_cli_on_a_trained_moe_run(trained, tmp_path):
+    """End to end on a 2-rank Qwen3-MoE run: the terms equal central differences of the
+    model's own first-order gradients (autograd, no double backward) along each deviation, the
+    report is written atomically and a second run without --overwrite refuses. (Differences of
+    the loss itself are no oracle here: HF's norms run in float32 and routing is piecewise.)"""
+    run = trained("moe_z2")
+    out = tmp_path / "an"
+    proc = run_cli([PY, "-m", "moe_merge.cli", "analyze", str(run), "--last", "3",
+                    "--batches", "1", "--float64", "--out", str(out), "--quiet"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "analysis.json").read_text())
+    assert r["steps"] == [4, 6, 8] and r["dtype"] == "float64"
+    for key in ("D", "grad_dot", "loss_points", "gain", "gain_vs_latest", "cross_terms",
+                "cosine", "per_point", "delta_norm"):
+        assert key in r, key
+    assert (out / "hessian_terms.png").stat().st_size > 10_000
+    assert "Second-order terms" in (out / "report.md").read_text()
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moe_merge.config import load_recipe
+    from moe_merge.evals.analyze import lm_loss_sum
+    from moe_merge.evals.loss import eval_windows
+    from moe_merge.merge.merger import hf_state
+
+    cfg = load_recipe(run / "recipe.yaml")
+    batch = eval_windows(cfg)[:cfg.parallel.micro_batch]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(run / "hf")),
+                                             dtype=torch.float64, attn_implementation="eager",
+                                             experts_implementation="eager").eval()
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    states = [hf_state(run / "checkpoints" / f"global_step{s}", run / "hf") for s in (4, 6, 8)]
+    merged = {n: sum(st[n].double() for st in states) / 3 for n in names}
+    deltas = [{n: st[n].double() - merged[n] for n in names} for st in states]
+
+    def grad_at(t, i):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(merged[n] + t * deltas[i][n])
+        s, c = lm_loss_sum(model, batch)
+        return torch.autograd.grad(s / c, params)
+
+    eps = 1e-3
+    for i in range(3):
+        hv = [(a - b) / (2 * eps) for a, b in zip(grad_at(eps, i), grad_at(-eps, i))]
+        for j in range(3):
+            fd = float(sum((h * deltas[j][n]).sum() for h, n in zip(hv, names)))
+            assert r["D"][j][i] == pytest.approx(fd, rel=2e-3, abs=1e-6), (i, j)
+        g0 = grad_at(0.0, i)
+        assert r["grad_dot"][i] == pytest.approx(
+            float(sum((g * deltas[i][n]).sum() for g, n in zip(g0, names))), rel=1e-6)
+
+    again = run_cli([PY, "-m", "moe_merge.cli", "analyze", str(run), "--last", "3",
+                     "--batches", "1", "--out", str(out)])
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "hessian_terms.png",
+                                                     "report.md"]
+    assert not list(tmp_path.glob(".an.*")), "no temporary output left behind"
