@@ -73,13 +73,24 @@ def test_quick_study_runs_end_to_end(tmp_path, data_cache):
         assert s["gain_vs_lr"] and all(g["lr"] < 3e-3 for g in s["gain_vs_lr"])
         assert "params" in s["tissue"] and math.isfinite(s["tissue"]["params"]["alpha"])
         assert {"spearman_all", "spearman_sma_forks", "trunk_val", "branch_val"} <= set(s)
+        mech = s["mechanism"]
+        assert mech["window"] == s["forks"][-1]["window"] and mech["batches"] == 1
+        for ref in ("around_merged", "around_annealed"):
+            t = mech[ref]
+            assert len(t["D"]) == 3 and all(len(r) == 3 for r in t["D"])
+            assert all(math.isfinite(x) for r in t["D"] for x in r)
+            assert math.isfinite(t["gain"]["measured"]) and math.isfinite(t["gain"]["predicted"])
+            assert t["cross_terms"]["pairs"] == 3
+        # the merged loss is the same model and batches either way
+        assert mech["around_merged"]["loss_merged"] == pytest.approx(
+            mech["around_annealed"]["loss_merged"], rel=1e-6)
     grid = res["seeds"][0]["grid"]
     assert len(grid) == 2 * 2 * 2 and any(c["fits"] for c in grid)
     summary = res["summary"]
     for k in STRATEGIES:
         assert summary["abs_error"][k]["n"] == 2
     report = (out / "report.md").read_text()
-    assert "## Headline" in report and "## Ablation grid" in report
+    assert "## Headline" in report and "## Ablation grid" in report and "## Mechanism" in report
     for png in ("loss_vs_tokens.png", "gain_vs_lr.png", "grid_heatmap.png"):
         assert (out / png).stat().st_size > 1000
     assert list((out / "tb").glob("events.out.tfevents.*"))

@@ -70,6 +70,7 @@ def _markdown(res: dict, plots: list[str]) -> str:
               f"- Spearman rank correlation, merged vs annealed loss over all forks × strategies "
               f"(per seed): {_ms(s['spearman_all'], 3)}; SMA over the fork points: "
               f"{_ms(s['spearman_sma_forks'], 3)}.", ""]
+    lines += _mechanism(res)
     grid = [c for c in res["seeds"][0]["grid"]]
     if grid:
         lines += ["## Ablation grid (first seed)", "",
@@ -193,3 +194,43 @@ def _tensorboard(out: Path, res: dict) -> None:
                     w.add_scalar(f"seed{s['seed']}/tissue", r["tissue"], step)
     finally:
         w.close()
+
+
+def _mechanism(res: dict) -> list[str]:
+    """The Hessian-vector-product terms of the headline SMA window at the latest fork."""
+    mech = [(r["seed"], r["mechanism"]) for r in res["seeds"] if r.get("mechanism")]
+    if not mech:
+        return []
+    m0 = mech[0][1]
+    lines = ["## Mechanism: second-order terms (`moe-merge analyze`)", "",
+             f"The headline SMA window at the latest fork (steps {m0['window']}, merged at step "
+             f"{m0['step']}), on {m0['batches']} validation micro-batches. D_ij = δ_iᵀHδ_j with "
+             "Hessian-vector products, δ_i the deviation of checkpoint i from the expansion "
+             "point: the merged weights (where Σ_(i≠j) D_ij = −Σ D_ii by construction, so the "
+             "question is which pairs are complementary), or the annealed branch's end, a "
+             "stand-in for the optimum θ* of PAPER.md's derivation (where the paper's condition "
+             "Σ_(i≠j) D_ij < (k − 1) Σ D_ii is a real test). *gain*: mean loss of the "
+             "checkpoints minus the merged loss, measured and predicted to second order; "
+             "*vs latest*: the latest checkpoint's loss minus the merged loss.", "",
+             "| seed | expansion point | negative cross-terms | gain measured | gain predicted | "
+             "vs latest measured | vs latest predicted | paper's condition |",
+             "|---|---|---|---|---|---|---|---|"]
+    for seed, m in mech:
+        for ref in ("around_merged", "around_annealed"):
+            t = m[ref]
+            ct = t["cross_terms"]
+            lines.append(f"| {seed} | {ref.split('_')[1]} | {ct['negative']} of {ct['pairs']} | "
+                         f"{t['gain']['measured']:+.4f} | {t['gain']['predicted']:+.4f} | "
+                         f"{t['gain_vs_latest']['measured']:+.4f} | "
+                         f"{t['gain_vs_latest']['predicted']:+.4f} | "
+                         f"{'holds' if ct['paper_sma']['holds'] else 'fails'} |")
+    sm = res["summary"].get("mechanism")
+    if sm and len(mech) > 1:
+        lines.append("")
+        for ref, v in sm.items():
+            lines.append(f"- around the {ref.split('_')[1]} point: negative cross-terms "
+                         f"{_pct(v['negative_fraction'])}, gain measured "
+                         f"{_ms(v['measured_gain'])} against predicted {_ms(v['predicted_gain'])}"
+                         f"; the paper's condition holds in {v['paper_condition_holds']} of "
+                         f"{v['of']} seeds.")
+    return [*lines, ""]

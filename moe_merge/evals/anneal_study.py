@@ -39,7 +39,8 @@ QUICK = {
               "checkpoint.every_tokens=256", "train.max_tokens=4096", "logging.log_every=2",
               "logging.val_every=2", "logging.val_batches=2", "train.lr=3e-3"],
     "study": ["study.seeds=[1]", "study.forks=2", "study.decay_tokens=1024", "study.n=3",
-              "study.interval=1", "study.grid_ns=[2,3]", "study.grid_intervals=[1,2]"],
+              "study.interval=1", "study.grid_ns=[2,3]", "study.grid_intervals=[1,2]",
+              "study.mechanism_batches=1"],
 }
 
 
@@ -68,6 +69,10 @@ class AnnealStudyConfig:
     """Run the ablation grid on the first k seeds."""
     branch_val_points: int = 8
     """Validation passes along each branch (the decayed part of the Tissue fit)."""
+    mechanism_batches: int = 4
+    """Validation micro-batches for the Hessian-vector-product analysis (``moe-merge analyze``)
+    of the headline SMA window at the latest fork, around the merged weights and around the
+    annealed branch's end (0: skip)."""
 
 
 def load_study(path: str | Path, overrides: list[str] = (), quick: bool = False
@@ -195,6 +200,14 @@ class Evaluator:
                                                       dtype=torch.float32)
         self.states: dict[tuple[str, int], dict] = {}
         self.evals = 0
+
+    def twice_differentiable(self):
+        """The same model with eager attention and experts (double backward works)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(str(self.hf_dir)), dtype=self.torch.float32,
+            attn_implementation="eager", experts_implementation="eager")
 
     def state(self, run: Path, step: int) -> dict:
         key = (str(run), step)
@@ -345,6 +358,8 @@ class AnnealStudy:
                 res["gain_vs_lr"].append({"fork_step": f, "step": c, "lr": b_lrs[c - 1],
                                           "latest": latest, "merged_sma": merged,
                                           "gain": latest - merged})
+        if self.st.mechanism_batches > 0:
+            res["mechanism"] = self._mechanism(ev, trunk, branches, res["forks"][-1])
         if grid:  # windows ending at the earliest and the latest comparison step
             for f in sorted({r["step"] for r in (res["forks"][0], res["forks"][-1])}):
                 avail = [s for s in trunk_steps if s <= f]
@@ -372,6 +387,30 @@ class AnnealStudy:
         res["evaluations"] = ev.evals
         self.echo(f"  seed {seed}: {ev.evals} evaluations in {res['eval_seconds']:.0f} s")
         return res
+
+    def _mechanism(self, ev: Evaluator, trunk: Path, branches: dict[int, Path], row: dict
+                   ) -> dict:
+        """The second-order terms of the headline SMA window at the latest fork: around the
+        merged weights, and around the annealed branch's end (a stand-in for the optimum θ*
+        of PAPER.md's derivation)."""
+        from moe_merge.evals.analyze import lm_loss_sum, second_order
+
+        t0 = time.perf_counter()
+        chosen = row["window"]
+        w = strategy_weights("sma", len(chosen))
+        mb = ev.micro_batch
+        batches = [ev.windows[i:i + mb] for i in range(0, len(ev.windows), mb)]
+        batches = batches[:self.st.mechanism_batches]
+        model = ev.twice_differentiable()
+        pts = [ev.state(trunk, s) for s in chosen]
+        out = {"step": row["step"], "window": chosen, "batches": len(batches)}
+        for label, ref in (("around_merged", None),
+                           ("around_annealed", ev.state(branches[row["fork_step"]],
+                                                         row["annealed_step"]))):
+            out[label] = second_order(model, pts, w, batches, lm_loss_sum,
+                                      reference=ref).to_dict()
+        out["seconds"] = time.perf_counter() - t0
+        return out
 
     def _tissue(self, trunk: Path, branches: dict[int, Path], trunk_lrs: list[float],
                 res: dict) -> dict:
@@ -433,6 +472,20 @@ def summarize(seeds: list[dict]) -> dict:
                                         for r in s["forks"]])
     out["annealing_gain"] = mean_std([r["latest"] - r["annealed"] for s in seeds
                                       for r in s["forks"]])
+    mech = [s["mechanism"] for s in seeds if s.get("mechanism")]
+    if mech:
+        out["mechanism"] = {
+            ref: {"negative_fraction": mean_std([m[ref]["cross_terms"]["negative_fraction"]
+                                                 for m in mech]),
+                  "measured_gain": mean_std([m[ref]["gain"]["measured"] for m in mech]),
+                  "predicted_gain": mean_std([m[ref]["gain"]["predicted"] for m in mech]),
+                  "measured_gain_vs_latest": mean_std([m[ref]["gain_vs_latest"]["measured"]
+                                                       for m in mech]),
+                  "predicted_gain_vs_latest": mean_std([m[ref]["gain_vs_latest"]["predicted"]
+                                                        for m in mech]),
+                  "paper_condition_holds": sum(m[ref]["cross_terms"]["paper_sma"]["holds"]
+                                               for m in mech), "of": len(mech)}
+            for ref in ("around_merged", "around_annealed")}
     out["spearman_all"] = mean_std([s["spearman_all"] for s in seeds])
     out["spearman_sma_forks"] = mean_std([s["spearman_sma_forks"] for s in seeds])
     per_fork = {}
