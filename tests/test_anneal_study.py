@@ -116,5 +116,14 @@ def test_quick_study_runs_end_to_end(tmp_path, data_cache):
     fork = str(res["fork_steps"][0])
     assert s2["per_fork"][fork]["latest"]["std"] == pytest.approx(0.1 / 2 ** 0.5)
     assert s2["per_fork"][fork]["latest"]["n"] == 2 and s2["abs_error"]["sma"]["n"] == 4
+    # pooled capture: per seed, summed merge gains over summed annealing gains
+    for s_ in (res["seeds"][0], two):
+        ann = sum(r["latest"] - r["annealed"] for r in s_["forks"])
+        s_["_pooled"] = (sum(r["latest"] - r["merged"]["sma"] for r in s_["forks"]) / ann
+                         if ann > 0 else None)
+    pooled = [s_["_pooled"] for s_ in (res["seeds"][0], two) if s_["_pooled"] is not None]
+    assert s2["captured_pooled"]["sma"]["n"] == len(pooled)
+    if pooled:
+        assert s2["captured_pooled"]["sma"]["mean"] == pytest.approx(sum(pooled) / len(pooled))
     md = _markdown({**res, "seeds": [res["seeds"][0], two], "summary": s2}, [])
     assert "± " in md

@@ -460,8 +460,16 @@ class AnnealStudy:
 
 def summarize(seeds: list[dict]) -> dict:
     """Mean and spread over seeds of the headline numbers."""
-    out: dict = {"captured": {}, "abs_error": {}, "beats_latest": {}}
+    out: dict = {"captured": {}, "captured_pooled": {}, "abs_error": {}, "beats_latest": {}}
     for k in STRATEGIES:
+        # per seed, the merge gain summed over the fork points over the annealing gain summed
+        # likewise: stable where single forks have an annealing gain near 0 (noisy ratios)
+        pooled = []
+        for s in seeds:
+            ann = sum(r["latest"] - r["annealed"] for r in s["forks"])
+            if ann > 0:
+                pooled.append(sum(r["latest"] - r["merged"][k] for r in s["forks"]) / ann)
+        out["captured_pooled"][k] = mean_std(pooled)
         out["captured"][k] = mean_std([r["captured"][k] for s in seeds for r in s["forks"]
                                        if r["captured"][k] is not None])
         out["abs_error"][k] = mean_std([r["abs_error"][k] for s in seeds for r in s["forks"]])
