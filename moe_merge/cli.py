@@ -51,10 +51,12 @@ def _study(args) -> int:
     print(f"report: {out / 'report.md'}")
     cap = s["captured_pooled"]["sma"]
     sp = s["spearman_all"]
-    sp_text = "n/a" if sp["mean"] is None else f"{sp['mean']:.3f} (± {sp['std']:.3f})"
+    sp_text = "n/a" if sp["mean"] is None else f"{sp['mean']:.3f}" + (
+        f" (± {sp['std']:.3f})" if sp["n"] > 1 else "")
     if cap["mean"] is not None:
-        print(f"SMA captured {100 * cap['mean']:.0f}% (± {100 * cap['std']:.0f}% over seeds) of "
-              f"the annealing gain; Spearman merged vs annealed {sp_text}")
+        spread = f" (± {100 * cap['std']:.0f}% over {cap['n']} seeds)" if cap["n"] > 1 else ""
+        print(f"SMA captured {100 * cap['mean']:.0f}%{spread} of the annealing gain; Spearman "
+              f"merged vs annealed {sp_text}")
     else:
         print("annealing did not lower the loss at these fork points: no captured fraction")
     return 0
@@ -67,7 +69,8 @@ def _analyze(args) -> int:
     result = analyze(args.ckpts, strategy=args.strategy, alpha=args.alpha, weights=args.weights,
                      last=args.last, every=args.every, tags=tags, reference=args.reference,
                      recipe=args.recipe, overrides=args.set or [], hf_config=args.hf_config,
-                     batches=args.batches, float64=args.float64, out=args.out,
+                     batches=args.batches, micro_batch=args.micro_batch,
+                     float64=args.float64, out=args.out,
                      overwrite=args.overwrite, progress=not args.quiet,
                      echo=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps(result, indent=1) if args.json else render(result), end="")
@@ -190,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--batches", type=int, default=None,
                     help="use only the first B validation micro-batches (each costs one "
                          "Hessian-vector product per checkpoint)")
+    an.add_argument("--micro-batch", type=int, default=None,
+                    help="windows per forward/backward pass (default: the recipe's micro "
+                         "batch); lower it when the double backward runs out of memory")
     an.add_argument("--float64", action="store_true",
                     help="compute in float64 (slower; removes float32 rounding from small gains)")
     an.add_argument("--hf-config", default=None, help="HF config directory when the run has no hf/")

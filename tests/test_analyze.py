@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_merge.evals.analyze import second_order
-from tests.conftest import PY, run_cli
+from conftest import PY, run_cli
 
 F64 = torch.float64
 
@@ -90,6 +90,11 @@ def test_quadratic_model_matches_exact_second_order_terms(weights):
     assert abs(t2.merged_delta_hessian) > 1e-3
     assert t2.predicted_gain == pytest.approx(t.measured_gain, rel=1e-9)
     assert t2.measured_gain == pytest.approx(t.measured_gain, rel=1e-12)
+    r = torch.cat([ref[n].reshape(-1) for n in names])
+    assert t2.loss_reference == pytest.approx(float(f(r)), rel=1e-12)
+    assert t2.predicted_gain_vs_latest == pytest.approx(t.measured_gain_vs_latest, rel=1e-9)
+    for p, li in zip(t2.per_point(), t2.loss_points):
+        assert li - t2.loss_reference == pytest.approx(p["second_order"], abs=1e-10)
 
 
 def test_sma_gain_is_the_papers_cross_term_condition():
@@ -104,7 +109,63 @@ def test_sma_gain_is_the_papers_cross_term_condition():
     assert t.predicted_gain == pytest.approx(((k - 1) * diag - cross) / (2 * k * k), rel=1e-10)
     ct = t.cross_terms()
     assert ct["paper_sma"]["holds"] == (t.predicted_gain > 0) == ct["merging_helps"]
-    assert ct["pairs"] == 10 and 0 <= ct["negative"] <= 10
+    assert ct["pairs"] == 10
+    assert second_order(model, pts, [0.1, 0.1, 0.2, 0.3, 0.3], _data(4, d_in=4, d_out=2),
+                        _sq_loss).cross_terms()["paper_sma"] is None
+
+
+class _Quadratic(torch.nn.Module):
+    """L(θ) = ½ θᵀAθ + bᵀθ with a given (possibly indefinite) A: exact algebra as the oracle."""
+
+    def __init__(self, A, b):
+        super().__init__()
+        self.A, self.b = A, b
+        self.theta = torch.nn.Parameter(torch.zeros(len(b), dtype=F64))
+
+    def loss(self, _batch):
+        return 0.5 * self.theta @ self.A @ self.theta + self.b @ self.theta, 1
+
+
+def test_indefinite_curvature_makes_merging_hurt_and_is_measured_exactly():
+    """Along a negative-curvature direction the merge is worse than its checkpoints: the
+    gain is negative, the cross-terms positive, and every number equals the exact algebra."""
+    A = torch.diag(torch.tensor([2.0, -1.0, 0.5], dtype=F64))
+    b = torch.tensor([0.3, -0.2, 0.1], dtype=F64)
+    model = _Quadratic(A, b)
+    # spread mostly along the negative-curvature axis
+    thetas = [torch.tensor(v, dtype=F64) for v in ([0.1, 1.0, 0.0], [-0.1, -1.0, 0.2],
+                                                   [0.0, 0.5, -0.2])]
+    w = [0.5, 0.3, 0.2]
+    t = second_order(model, [{"theta": x} for x in thetas], w, [None],
+                     lambda m, batch: m.loss(batch))
+    merged = sum(wi * x for wi, x in zip(w, thetas))
+    deltas = torch.stack([x - merged for x in thetas])
+    exact = deltas @ A @ deltas.T
+    assert torch.allclose(torch.tensor(t.D, dtype=F64), exact, rtol=1e-12, atol=1e-14)
+    g = A @ merged + b
+    assert torch.allclose(torch.tensor(t.grad_dot, dtype=F64), deltas @ g, rtol=1e-12)
+
+    def L(x):
+        return float(0.5 * x @ A @ x + b @ x)
+
+    gain = sum(wi * L(x) for wi, x in zip(w, thetas)) - L(merged)
+    assert gain < 0 and t.measured_gain == pytest.approx(gain, rel=1e-12)
+    assert t.predicted_gain == pytest.approx(gain, rel=1e-10)
+    ct = t.cross_terms()
+    assert not ct["merging_helps"] and ct["paper_sma"] is None
+    off = [float(exact[i, j]) for i in range(3) for j in range(i + 1, 3)]
+    assert ct["negative"] == sum(x < 0 for x in off)
+    cw = sum(w[i] * w[j] * float(exact[i, j]) for i in range(3) for j in range(3) if i != j)
+    assert ct["weighted_cross"] == pytest.approx(cw, rel=1e-12)
+    cos = t.cosine()
+    for i in range(3):
+        for j in range(3):
+            if exact[i, i] > 0 and exact[j, j] > 0:
+                want = float(exact[i, j] / (exact[i, i] * exact[j, j]).sqrt())
+                assert cos[i][j] == pytest.approx(want, rel=1e-12)
+            else:
+                assert cos[i][j] is None
+    assert any(c is None for row in cos for c in row)  # some deviation has negative curvature
 
 
 def test_hessian_vector_products_of_a_nonlinear_model():
@@ -122,7 +183,11 @@ def test_hessian_vector_products_of_a_nonlinear_model():
         H = torch.autograd.functional.hessian(f, merged)
         deltas = torch.stack([_flat(p, names) - merged for p in pts])
         t = second_order(model, pts, w, batches, _sq_loss)
-        assert torch.allclose(torch.tensor(t.D, dtype=F64), deltas @ H @ deltas.T, rtol=1e-9, atol=1e-14)
+        assert torch.allclose(torch.tensor(t.D, dtype=F64), deltas @ H @ deltas.T, rtol=1e-9,
+                              atol=1e-14)
+        g = torch.autograd.functional.jacobian(f, merged)
+        assert torch.allclose(torch.tensor(t.grad_dot, dtype=F64), deltas @ g, rtol=1e-9,
+                              atol=1e-14)
         errors.append(abs(t.predicted_gain - t.measured_gain) / abs(t.measured_gain))
     assert errors[1] < errors[0] and errors[1] < 0.05
 
@@ -130,7 +195,7 @@ def test_hessian_vector_products_of_a_nonlinear_model():
 def test_missing_parameter_is_named():
     model = torch.nn.Linear(2, 2).double()
     pts = [{"weight": torch.zeros(2, 2, dtype=F64)}] * 2
-    with pytest.raises(KeyError, match="bias"):
+    with pytest.raises(ValueError, match="checkpoint 0: no tensor 'bias'"):
         second_order(model, pts, [0.5, 0.5], _data(0, d_in=2, d_out=2), _sq_loss)
 
 
@@ -192,4 +257,30 @@ def test_analyze_cli_on_a_trained_moe_run(trained, tmp_path):
     assert again.returncode == 2 and "exists" in again.stderr
     assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "hessian_terms.png",
                                                      "report.md"]
-    assert not list(tmp_path.glob(".an.*")), "no temporary output left behind"
+    assert not list(tmp_path.glob(".an*")), "no temporary output left behind"
+    # a reference that is not this model: one line naming the directory and the tensor
+    import shutil
+
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad_ref"
+    bad.mkdir()
+    shutil.copy(run / "hf" / "config.json", bad / "config.json")
+    save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, str(bad / "model.safetensors"))
+    ref = run_cli([PY, "-m", "moe_merge.cli", "analyze", str(run), "--last", "3", "--batches",
+                   "1", "--reference", str(bad), "--out", str(tmp_path / "an2")])
+    assert ref.returncode == 2, ref.stderr[-2000:]
+    msg = ref.stderr.strip().splitlines()[-1]
+    assert str(bad) in msg and "model.embed_tokens.weight" in msg and "shape" in msg, msg
+    assert not (tmp_path / "an2").exists()
+    # --overwrite replaces the output; around the newest checkpoint its deviation is zero
+    over = run_cli([PY, "-m", "moe_merge.cli", "analyze", str(run), "--last", "3", "--batches",
+                    "1", "--micro-batch", "1", "--reference", str(run / "checkpoints" /
+                                                                  "global_step8"),
+                    "--out", str(out), "--overwrite", "--quiet"])
+    assert over.returncode == 0, over.stderr[-2000:]
+    r2 = json.loads((out / "analysis.json").read_text())
+    assert r2["reference"].endswith("global_step8") and r2["delta_norm"][-1] == 0.0
+    assert r2["micro_batch"] == 1 and r2["loss_reference"] == pytest.approx(
+        r2["loss_points"][-1], rel=1e-6)
+    assert r2["gain"]["predicted"] == pytest.approx(r["gain"]["predicted"], rel=0.2)

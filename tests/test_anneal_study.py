@@ -125,5 +125,18 @@ def test_quick_study_runs_end_to_end(tmp_path, data_cache):
     assert s2["captured_pooled"]["sma"]["n"] == len(pooled)
     if pooled:
         assert s2["captured_pooled"]["sma"]["mean"] == pytest.approx(sum(pooled) / len(pooled))
+    # and on hand-made forks: seed A gains 0.1 + 0.3 from annealing and 0.1 + 0.1 from merging
+    # (pooled 0.5, where the per-fork mean would be (1 + 1/3) / 2); seed B anneals to worse
+    # losses and is left out
+    def fork(latest, annealed, merged):
+        return {"latest": latest, "annealed": annealed, "merged": dict.fromkeys(STRATEGIES, merged),
+                "captured": dict.fromkeys(STRATEGIES), "abs_error": dict.fromkeys(STRATEGIES, 0.0),
+                "fork_step": 1, "step": 2}
+    a = {"forks": [fork(5.0, 4.9, 4.9), fork(5.0, 4.7, 4.9)], "spearman_all": 1.0,
+         "spearman_sma_forks": 1.0}
+    b = {"forks": [fork(5.0, 5.1, 4.9), fork(5.0, 5.2, 4.9)], "spearman_all": 1.0,
+         "spearman_sma_forks": 1.0}
+    hand = summarize([a, b])["captured_pooled"]["sma"]
+    assert hand["n"] == 1 and hand["mean"] == pytest.approx(0.5)
     md = _markdown({**res, "seeds": [res["seeds"][0], two], "summary": s2}, [])
     assert "± " in md

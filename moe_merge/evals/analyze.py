@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,8 +89,10 @@ class SecondOrder:
                 "negative_fraction": (sum(x < 0 for x in off) / len(off)) if off else None,
                 "weighted_cross": cross_w, "weighted_diagonal": diag_w,
                 "merging_helps": cross_w < diag_w,
+                # the paper's form, for equal weights only (where it equals merging_helps)
                 "paper_sma": {"cross": cross, "k_minus_1_diagonal": (k - 1) * diag,
-                              "holds": cross < (k - 1) * diag}}
+                              "holds": cross < (k - 1) * diag}
+                if max(w) - min(w) < 1e-12 else None}
 
     def cosine(self) -> list[list[float | None]]:
         """D_ij / sqrt(D_ii D_jj): the angle between deviations in the Hessian's metric (None
@@ -126,34 +125,46 @@ def _set(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
             p.copy_(v)
 
 
-def second_order(model: torch.nn.Module, points: Sequence[dict], weights: Sequence[float],
+def check_state(model: torch.nn.Module, state: dict, label: str) -> None:
+    """Raise ValueError naming ``label`` and the tensor if ``state`` lacks a parameter of
+    ``model`` or holds it in another shape."""
+    for n, p in model.named_parameters():
+        if n not in state:
+            raise ValueError(f"{label}: no tensor {n!r} of the model")
+        if tuple(state[n].shape) != tuple(p.shape):
+            raise ValueError(f"{label}: tensor {n!r} has shape {tuple(state[n].shape)}, the "
+                             f"model's is {tuple(p.shape)}")
+
+
+def second_order(model: torch.nn.Module, points: list[dict], weights: Sequence[float],
                  batches: Sequence, loss_fn: LossFn, reference: dict | None = None,
-                 progress: bool = False) -> SecondOrder:
+                 progress: bool = False, consume: bool = False) -> SecondOrder:
     """Measure the second-order terms of merging ``points`` (state dicts holding every
-    parameter of ``model`` by name) with ``weights``, on ``batches``.
+    parameter of ``model`` by name) with ``weights`` (summing to 1), on ``batches``.
 
     The loss is the token mean over all batches: ``loss_fn`` returns each batch's summed loss
-    and token count. H and g are taken at ``reference`` (default: the merged weights). The
-    model is left holding the merged weights."""
+    and token count. H and g are taken at ``reference`` (default: the merged weights, as the
+    model holds them). ``consume``: empty the ``points`` dicts as their deviations are made
+    (halves the peak memory). The model is left holding the merged weights."""
     from tqdm.auto import tqdm
 
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
-    missing = [n for n in names if any(n not in pt for pt in points)]
-    if missing:
-        raise KeyError(f"the checkpoints hold no parameter {missing[0]!r} of the model")
+    for i, pt in enumerate(points):
+        check_state(model, pt, f"checkpoint {i}")
+    if reference is not None:
+        check_state(model, reference, "reference")
     k = len(points)
     w = [float(x) for x in weights]
+    if len(w) != k or abs(sum(w) - 1.0) > 1e-9:
+        raise ValueError(f"need {k} weights summing to 1, got {w}")
     dtype = params[0].dtype
     merged = []
     for n in names:
         acc = torch.zeros(points[0][n].shape, dtype=torch.float64)
         for wi, pt in zip(w, points):
             acc.add_(pt[n].to(torch.float64), alpha=wi)
-        merged.append(acc)
-    ref = merged if reference is None else [reference[n].to(torch.float64) for n in names]
-    deltas = [[(pt[n].to(torch.float64) - r).to(dtype) for n, r in zip(names, ref)]
-              for pt in points]
+        merged.append(acc.to(dtype))
 
     def mean_loss(values) -> tuple[float, int]:
         _set(params, values)
@@ -168,32 +179,51 @@ def second_order(model: torch.nn.Module, points: Sequence[dict], weights: Sequen
 
     loss_points = [mean_loss([pt[n] for n in names])[0] for pt in points]
     loss_merged, tokens = mean_loss(merged)
+    ref = merged if reference is None else [reference[n].to(dtype) for n in names]
     loss_ref = loss_merged if reference is None else mean_loss(ref)[0]
+    # deviations from the point the model holds (the merged weights rounded to its dtype)
+    deltas: list[list[torch.Tensor]] = [[] for _ in points]
+    for t, n in enumerate(names):
+        r = ref[t].to(torch.float64)
+        for i, pt in enumerate(points):
+            deltas[i].append((pt[n].to(torch.float64) - r).to(dtype))
+            if consume:
+                del pt[n]
 
     _set(params, ref)
     D = torch.zeros(k, k, dtype=torch.float64)
     grad_dot = torch.zeros(k, dtype=torch.float64)
+
+    def dot(xs, ys) -> torch.Tensor:  # float64 sum of Σ_p <x_p, y_p>, skipping unused params
+        return sum((torch.dot(x.reshape(-1), y.reshape(-1).double())
+                    for x, y in zip(xs, ys) if x is not None), torch.zeros((), dtype=torch.float64))
+
     bar = tqdm(total=len(batches) * k, desc="Hessian-vector products", unit="hvp",
                disable=not progress, leave=False)
     for b in batches:
         s, _ = loss_fn(model, b)
-        g = torch.autograd.grad(s / tokens, params, create_graph=True)
+        g = torch.autograd.grad(s / tokens, params, create_graph=True, allow_unused=True)
+        g64 = [None if gp is None else gp.detach().double() for gp in g]
         for i in range(k):
-            grad_dot[i] += sum(torch.dot(gp.detach().reshape(-1).double(), dp.reshape(-1).double())
-                               for gp, dp in zip(g, deltas[i]))
+            grad_dot[i] += dot(g64, deltas[i])
+        del g64
+        used = [(gp, j) for j, gp in enumerate(g) if gp is not None and gp.requires_grad]
         for j in range(k):
-            gv = sum((gp * dp).sum() for gp, dp in zip(g, deltas[j]))
-            hv = torch.autograd.grad(gv, params, retain_graph=j < k - 1, allow_unused=True)
+            if used:  # else the loss is linear in the parameters: H = 0
+                gv = sum((gp * deltas[j][t]).sum() for gp, t in used)
+                hv = torch.autograd.grad(gv, params, retain_graph=j < k - 1, allow_unused=True)
+                hv = [None if h is None else h.double() for h in hv]
+            else:
+                hv = [None] * len(params)
             for i in range(k):
-                D[i, j] += sum(torch.dot(h.reshape(-1).double(), dp.reshape(-1).double())
-                               for h, dp in zip(hv, deltas[i]) if h is not None)
+                D[i, j] += dot(hv, deltas[i])
             bar.update()
-        del g
+        del g, used
     bar.close()
     _set(params, merged)
     # H is symmetric: average out the float rounding of the two products
     D = 0.5 * (D + D.T)
-    norms = [math.sqrt(sum(float(dp.double().pow(2).sum()) for dp in d)) for d in deltas]
+    norms = [math.sqrt(float(dot([x.double() for x in d], d))) for d in deltas]
     return SecondOrder(weights=w, loss_reference=loss_ref, loss_merged=loss_merged,
                        loss_points=loss_points, grad_dot=grad_dot.tolist(), D=D.tolist(),
                        delta_norm=norms, tokens=tokens)
@@ -218,6 +248,7 @@ def _state_of(path: Path, hf_dir: Path) -> dict:
     from moe_merge.checkpoint.discover import find_tags
     from moe_merge.merge.merger import hf_state
     from moe_merge.merge.strategies import MergeError
+    from moe_merge.merge.writer import check_target
 
     if (path / "config.json").is_file():
         from safetensors.torch import load_file
@@ -239,11 +270,13 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
             every: int | None = None, tags: Sequence[str] | None = None,
             reference: str | Path | None = None, recipe: str | Path | None = None,
             overrides: Sequence[str] = (), hf_config: str | Path | None = None,
-            batches: int | None = None, float64: bool = False, out: str | Path | None = None,
-            overwrite: bool = False, progress: bool = True, echo=print) -> dict:
+            batches: int | None = None, micro_batch: int | None = None, float64: bool = False,
+            out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+            echo=print) -> dict:
     """Select checkpoints as ``moe-merge merge`` does, measure the second-order terms of their
-    merge on the run's fixed validation batches, and write ``analysis.json`` and
-    ``hessian_terms.png`` into ``out`` (atomically) when given."""
+    merge on the run's fixed validation batches (the first ``batches`` micro-batches of
+    ``micro_batch`` windows, default the recipe's), and write ``analysis.json``, ``report.md``
+    and ``hessian_terms.png`` into ``out`` (atomically) when given."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from moe_merge.checkpoint.discover import hf_dir_for
@@ -251,6 +284,7 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
     from moe_merge.evals.loss import eval_windows, recipe_for
     from moe_merge.merge.merger import hf_state, plan
     from moe_merge.merge.strategies import MergeError
+    from moe_merge.merge.writer import check_target
 
     chosen, w = plan(ckpts, strategy, alpha, weights, last, every, tags)
     if len(chosen) < 2:
@@ -259,8 +293,7 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
         raise MergeError(f"--reference {reference}: no such file or directory")
     if out is not None:
         out = Path(out)
-        if out.exists() and not overwrite:
-            raise MergeError(f"--out {out} exists (use --overwrite)")
+        check_target(out, overwrite)
     hf_dir = hf_dir_for(chosen, hf_config)
     if hf_dir is None:
         raise MergeError(f"{chosen[-1].path}: no hf/config.json in its run; pass --hf-config DIR")
@@ -270,7 +303,9 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
                          "validation batches; pass --recipe RECIPE")
     cfg = load_recipe(recipe_path, list(overrides))
     windows = eval_windows(cfg)
-    mb = cfg.parallel.micro_batch
+    mb = micro_batch or cfg.parallel.micro_batch
+    if mb < 1:
+        raise MergeError(f"--micro-batch must be >= 1, got {mb}")
     data = [windows[i:i + mb] for i in range(0, len(windows), mb)]
     if batches is not None:
         if batches < 1:
@@ -285,13 +320,21 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
     echo(f"analyze: {len(chosen)} checkpoints (steps {', '.join(str(t.step) for t in chosen)}), "
          f"weights {', '.join(f'{x:.3f}' for x in w)}; {len(data)} batches of {mb} x "
          f"{cfg.data.seq_len} tokens; {len(chosen) * len(data)} Hessian-vector products")
+    ref = None
+    if reference is not None:
+        ref = _state_of(Path(reference), hf_dir)
+        try:
+            check_state(model, ref, f"--reference {reference}")
+        except ValueError as e:
+            raise MergeError(str(e)) from None
     points = [hf_state(t.path, hf_dir) for t in chosen]
-    ref = None if reference is None else _state_of(Path(reference), hf_dir)
-    terms = second_order(model, points, w, data, lm_loss_sum, reference=ref, progress=progress)
+    terms = second_order(model, points, w, data, lm_loss_sum, reference=ref, progress=progress,
+                         consume=True)
     result = {"checkpoints": [str(t.path) for t in chosen], "steps": [t.step for t in chosen],
-              "strategy": strategy, "alpha": alpha,
+              "strategy": strategy, "alpha": alpha if strategy == "ema" else None,
               "reference": str(reference) if reference is not None else "merged",
-              "recipe": str(recipe_path), "batches": len(data), "dtype": str(dtype).split(".")[-1],
+              "recipe": str(recipe_path), "batches": len(data), "micro_batch": mb,
+              "dtype": str(dtype).split(".")[-1],
               **terms.to_dict()}
     if out is not None:
         _write(out, result, overwrite)
@@ -299,18 +342,12 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
 
 
 def _write(out: Path, result: dict, overwrite: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from moe_merge.merge.writer import atomic_dir
+
+    with atomic_dir(out, overwrite) as tmp:
         (tmp / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
         plot(result, tmp / "hessian_terms.png")
         (tmp / "report.md").write_text(render(result, markdown=True))
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def render(r: dict, markdown: bool = False) -> str:

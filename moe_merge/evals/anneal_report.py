@@ -59,7 +59,7 @@ def _markdown(res: dict, plots: list[str]) -> str:
     lines += ["", "Fraction of the annealing gain captured by merging, "
               "(L_latest − L_merged) / (L_latest − L_annealed): *pooled*, per seed the merge gains "
               "summed over the fork points over the annealing gains summed likewise, mean ± std "
-              "over seeds; *per fork*, the mean of the single ratios over forks and seeds with a "
+              "over the seeds whose summed annealing gain is positive; *per fork*, the mean of the single ratios over forks and seeds with a "
               "positive annealing gain (unstable where that gain is near 0). Absolute error "
               "|L_merged − L_annealed|; merged better than the latest checkpoint:",
               "", "| strategy | captured (pooled) | captured (per fork) | abs. error | "
@@ -228,7 +228,7 @@ def _mechanism(res: dict) -> list[str]:
                          f"{t['gain']['measured']:+.4f} | {t['gain']['predicted']:+.4f} | "
                          f"{t['gain_vs_latest']['measured']:+.4f} | "
                          f"{t['gain_vs_latest']['predicted']:+.4f} | "
-                         f"{'holds' if ct['paper_sma']['holds'] else 'fails'} |")
+                         f"{'holds' if ct['merging_helps'] else 'fails'} |")
     sm = res["summary"].get("mechanism")
     if sm and len(mech) > 1:
         lines.append("")

@@ -491,7 +491,7 @@ def summarize(seeds: list[dict]) -> dict:
                                                        for m in mech]),
                   "predicted_gain_vs_latest": mean_std([m[ref]["gain_vs_latest"]["predicted"]
                                                         for m in mech]),
-                  "paper_condition_holds": sum(m[ref]["cross_terms"]["paper_sma"]["holds"]
+                  "paper_condition_holds": sum(m[ref]["cross_terms"]["merging_helps"]
                                                for m in mech), "of": len(mech)}
             for ref in ("around_merged", "around_annealed")}
     out["spearman_all"] = mean_std([s["spearman_all"] for s in seeds])
