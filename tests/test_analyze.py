@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import PY, run_cli
 
 from moe_merge.evals.analyze import second_order
-from conftest import PY, run_cli
 
 F64 = torch.float64
 

@@ -248,7 +248,6 @@ def _state_of(path: Path, hf_dir: Path) -> dict:
     from moe_merge.checkpoint.discover import find_tags
     from moe_merge.merge.merger import hf_state
     from moe_merge.merge.strategies import MergeError
-    from moe_merge.merge.writer import check_target
 
     if (path / "config.json").is_file():
         from safetensors.torch import load_file
