@@ -59,6 +59,12 @@ def main() -> None:
     cfg = load_recipe(REPO / args.recipe, args.overrides)
     runs: dict[str, list[dict]] = {"monitor off": [], "monitor on": []}
     with tempfile.TemporaryDirectory(prefix="pma_bench_") as tmp:
+        # one launch first, not counted: the first launch after a while pays for cold caches
+        # (Python imports, the tokenizer and data cache, DeepSpeed's ops) in its start-up
+        wall = launch(args.recipe, [*args.overrides, f"output_dir={Path(tmp) / 'warmup'}",
+                                    "train.resume=never", "logging.progress=false",
+                                    "train.max_tokens=2.048e4", "schedule.warmup_tokens=4096"])
+        print(f"  warm-up launch (not counted): {wall:.1f} s", flush=True)
         for rep in range(args.repeats):
             for kind in (runs if rep % 2 == 0 else list(runs)[::-1]):
                 out = Path(tmp) / f"{kind.replace(' ', '_')}{rep}"
@@ -84,6 +90,14 @@ def main() -> None:
     own = med["monitor on"]["pma_s"] / med["monitor on"]["wall_s"]
     print(f"\nmonitor cost: {dw:+.1%} of the run's wall time, {dl:+.1%} of the training loop; "
           f"its own timer: {own:.1%} of the wall time (goal <= 5%)")
+    # paired: each repeat's on/off pair ran back to back, so slow drifts of the machine cancel
+    for key, what in (("wall_s", "wall time"), ("loop_s", "training loop")):
+        pairs = [b[key] / a[key] - 1 for a, b in zip(off, on)]
+        if len(pairs) > 1:
+            m, sd = statistics.fmean(pairs), statistics.stdev(pairs)
+            print(f"paired {what}: on/off - 1 per repeat "
+                  f"{', '.join(format(x, '+.1%') for x in pairs)}; mean {m:+.1%} +- {sd:.1%} "
+                  f"(standard error {sd / len(pairs) ** 0.5:.1%})")
     print(f"last merged loss {on[-1]['pma_last']:.4f} vs last val loss {on[-1]['val_last']:.4f}")
     (REPO / "bench" / "out").mkdir(parents=True, exist_ok=True)
     (REPO / "bench" / "out" / "pma_monitor_overhead.json").write_text(
