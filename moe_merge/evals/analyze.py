@@ -207,7 +207,8 @@ def second_order(model: torch.nn.Module, points: list[dict], weights: Sequence[f
         for i in range(k):
             grad_dot[i] += dot(g64, deltas[i])
         del g64
-        used = [(gp, j) for j, gp in enumerate(g) if gp is not None and gp.requires_grad]
+        # (gradient, parameter index) of the parameters the gradient still depends on
+        used = [(gp, t) for t, gp in enumerate(g) if gp is not None and gp.requires_grad]
         for j in range(k):
             if used:  # else the loss is linear in the parameters: H = 0
                 gv = sum((gp * deltas[j][t]).sum() for gp, t in used)
@@ -227,6 +228,23 @@ def second_order(model: torch.nn.Module, points: list[dict], weights: Sequence[f
     return SecondOrder(weights=w, loss_reference=loss_ref, loss_merged=loss_merged,
                        loss_points=loss_points, grad_dot=grad_dot.tolist(), D=D.tolist(),
                        delta_norm=norms, tokens=tokens)
+
+
+def hvp_model(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The HF model of ``hf_dir`` with eager attention and experts: plain ops, twice
+    differentiable in any dtype (the fused CPU attention kernel has no double backward,
+    grouped_mm no float64)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(hf_dir)), dtype=dtype,
+                                            attn_implementation="eager",
+                                            experts_implementation="eager")
+
+
+def micro_batches(windows, micro_batch: int, limit: int | None = None) -> list:
+    """The validation windows in micro-batches, the first ``limit`` of them."""
+    out = [windows[i:i + micro_batch] for i in range(0, len(windows), micro_batch)]
+    return out if limit is None else out[:limit]
 
 
 def lm_loss_sum(model: torch.nn.Module, batch) -> tuple[torch.Tensor, int]:
@@ -259,8 +277,6 @@ def _state_of(path: Path, hf_dir: Path) -> dict:
         for f in files:
             state.update(load_file(str(f)))
         return state
-    if not path.exists():
-        raise MergeError(f"--reference {path}: no such file or directory")
     return hf_state(find_tags([path])[-1].path, hf_dir)
 
 
@@ -276,8 +292,6 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
     merge on the run's fixed validation batches (the first ``batches`` micro-batches of
     ``micro_batch`` windows, default the recipe's), and write ``analysis.json``, ``report.md``
     and ``hessian_terms.png`` into ``out`` (atomically) when given."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from moe_merge.checkpoint.discover import hf_dir_for
     from moe_merge.config import load_recipe
     from moe_merge.evals.loss import eval_windows, recipe_for
@@ -305,17 +319,11 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
     mb = micro_batch or cfg.parallel.micro_batch
     if mb < 1:
         raise MergeError(f"--micro-batch must be >= 1, got {mb}")
-    data = [windows[i:i + mb] for i in range(0, len(windows), mb)]
-    if batches is not None:
-        if batches < 1:
-            raise MergeError(f"--batches must be >= 1, got {batches}")
-        data = data[:batches]
+    if batches is not None and batches < 1:
+        raise MergeError(f"--batches must be >= 1, got {batches}")
+    data = micro_batches(windows, mb, batches)
     dtype = torch.float64 if float64 else torch.float32
-    # eager attention and experts: plain ops, twice differentiable in any dtype (the fused CPU
-    # attention kernel has no double backward, grouped_mm no float64)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(hf_dir)), dtype=dtype,
-                                             attn_implementation="eager",
-                                             experts_implementation="eager")
+    model = hvp_model(hf_dir, dtype)
     echo(f"analyze: {len(chosen)} checkpoints (steps {', '.join(str(t.step) for t in chosen)}), "
          f"weights {', '.join(f'{x:.3f}' for x in w)}; {len(data)} batches of {mb} x "
          f"{cfg.data.seq_len} tokens; {len(chosen) * len(data)} Hessian-vector products")

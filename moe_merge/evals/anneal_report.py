@@ -59,8 +59,9 @@ def _markdown(res: dict, plots: list[str]) -> str:
     lines += ["", "Fraction of the annealing gain captured by merging, "
               "(L_latest − L_merged) / (L_latest − L_annealed): *pooled*, per seed the merge gains "
               "summed over the fork points over the annealing gains summed likewise, mean ± std "
-              "over the seeds whose summed annealing gain is positive; *per fork*, the mean of the single ratios over forks and seeds with a "
-              "positive annealing gain (unstable where that gain is near 0). Absolute error "
+              "over the seeds whose summed annealing gain is positive; *per fork*, the mean of "
+              "the single ratios over forks and seeds with a positive annealing gain (unstable "
+              "where that gain is near 0). Absolute error "
               "|L_merged − L_annealed|; merged better than the latest checkpoint:",
               "", "| strategy | captured (pooled) | captured (per fork) | abs. error | "
               "beats latest |", "|---|---|---|---|---|"]

@@ -201,14 +201,6 @@ class Evaluator:
         self.states: dict[tuple[str, int], dict] = {}
         self.evals = 0
 
-    def twice_differentiable(self):
-        """The same model with eager attention and experts (double backward works)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(str(self.hf_dir)), dtype=self.torch.float32,
-            attn_implementation="eager", experts_implementation="eager")
-
     def state(self, run: Path, step: int) -> dict:
         key = (str(run), step)
         if key not in self.states:
@@ -393,15 +385,13 @@ class AnnealStudy:
         """The second-order terms of the headline SMA window at the latest fork: around the
         merged weights, and around the annealed branch's end (a stand-in for the optimum θ*
         of PAPER.md's derivation)."""
-        from moe_merge.evals.analyze import lm_loss_sum, second_order
+        from moe_merge.evals.analyze import hvp_model, lm_loss_sum, micro_batches, second_order
 
         t0 = time.perf_counter()
         chosen = row["window"]
         w = strategy_weights("sma", len(chosen))
-        mb = ev.micro_batch
-        batches = [ev.windows[i:i + mb] for i in range(0, len(ev.windows), mb)]
-        batches = batches[:self.st.mechanism_batches]
-        model = ev.twice_differentiable()
+        batches = micro_batches(ev.windows, ev.micro_batch, self.st.mechanism_batches)
+        model = hvp_model(ev.hf_dir)
         pts = [ev.state(trunk, s) for s in chosen]
         out = {"step": row["step"], "window": chosen, "batches": len(batches)}
         for label, ref in (("around_merged", None),

@@ -192,8 +192,8 @@ class ShardWriter:
     def add(self, name: str, tensor: np.ndarray) -> None:
         i = self.shard_of[name]
         shape, dtype = self.specs[name]
-        if i not in self.only or self.shards[i][self.next[i]] != name or tuple(tensor.shape) != tuple(shape) \
-                or tensor.dtype != dtype:
+        if (i not in self.only or self.shards[i][self.next[i]] != name
+                or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype):
             raise RuntimeError(f"internal error: tensor {name} {tuple(tensor.shape)} {tensor.dtype} "
                                f"out of the planned order or shape")
         self.next[i] += 1
