@@ -19,6 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 MOE_ARCHS = ("qwen3_moe", "mixtral")
 DENSE_ARCHS = ("qwen3", "llama")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+OPTIMIZER_POLICIES = ("reset", "latest", "merged")
+SPIKE_ACTIONS = ("off", "continue", "rollback", "pma")
 
 
 class ConfigError(ValueError):
@@ -179,6 +181,38 @@ class PMAMonitorConfig:
 
 
 @dataclass
+class StabilityConfig:
+    on_spike: str = "off"
+    """off: no spike detection. continue: detect loss spikes every step and log them.
+    rollback: on a spike, reload the newest checkpoint before it and continue from there.
+    pma: on a spike, merge the last pma_n checkpoints before it, reload the merge and continue."""
+    loss_factor: float = 1.3
+    """A step's loss above loss_factor x its running trend is a spike."""
+    grad_norm_factor: float = 10.0
+    """A step's gradient norm (before clipping) above grad_norm_factor x its running trend is a
+    spike; 0 disables this test. Non-finite loss or gradient norm is always a spike."""
+    trend_beta: float = 0.9
+    """Smoothing of the running trends (EMA of the per-step values outside spikes)."""
+    min_steps: int = 20
+    """Steps of history before the detector may fire."""
+    pma_n: int = 3
+    """Checkpoints merged by the pma recovery (the paper: the 3 before the collapse)."""
+    pma_strategy: str = "sma"
+    """sma, wma or ema."""
+    pma_alpha: float = 0.2
+    """EMA coefficient (pma_strategy ema)."""
+    optimizer_state: str = "latest"
+    """Adam state after a recovery: latest (the newest pre-spike checkpoint's moments), merged
+    (pma: averaged with the same weights) or reset (zero moments)."""
+    max_retries: int = 3
+    """Recoveries allowed for one spike: each further one goes one checkpoint further back; when
+    the run has not got past the spike after that many, it stops with an error."""
+    inject_nan_step: int = 0
+    """Testing: make the loss of this optimizer step NaN once per launch (a drill of the
+    recovery path); 0: never."""
+
+
+@dataclass
 class TrainConfig:
     max_tokens: float = 1e6
     """Token budget of the run (the step count is max_tokens / tokens per step)."""
@@ -192,6 +226,15 @@ class TrainConfig:
     fork_from: str = ""
     """A global_stepN directory of another run to start from (weights, optimizer, step count),
     with this recipe's schedule: e.g. an annealing branch from step N."""
+    init_from: str = ""
+    """Start this run at step 0, with this recipe's schedule (its warmup included), from the
+    weights of a merge output (``moe-merge merge --format hf|deepspeed``: PMA-init) or of a
+    plain checkpoint (a global_stepN directory, a checkpoints/ directory or a run directory:
+    its latest tag). The start is saved as global_step0 and described in init.json."""
+    init_optimizer: str = "reset"
+    """Adam state at init_from: reset (zero moments and step count, as a fresh optimizer),
+    latest (the newest checkpoint's moments: a plain checkpoint, or a merge written with
+    --optimizer-state latest) or merged (a merge written with --optimizer-state merged)."""
 
 
 @dataclass
@@ -210,6 +253,7 @@ class RecipeConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     pma_monitor: PMAMonitorConfig = field(default_factory=PMAMonitorConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -324,6 +368,13 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
         fork = Path(t.fork_from)
         _require(fork.is_dir() and fork.name.startswith("global_step"), "train.fork_from",
                  f"{fork} is not a global_stepN checkpoint directory")
+    _require(not (t.fork_from and t.init_from), "train.init_from",
+             "set train.fork_from (continue a run's schedule) or train.init_from (start a new "
+             "schedule at step 0), not both")
+    if t.init_from:
+        _require(Path(t.init_from).exists(), "train.init_from", f"{t.init_from}: no such directory")
+    _require(t.init_optimizer in OPTIMIZER_POLICIES, "train.init_optimizer",
+             f"'{t.init_optimizer}' is not one of {', '.join(OPTIMIZER_POLICIES)}")
     _require(t.stop_after_steps >= 0, "train.stop_after_steps", "must be >= 0")
     _require(s.kind in ("wsd", "cosine"), "schedule.kind", f"'{s.kind}' is not wsd or cosine")
     _require(s.decay_shape in DECAY_SHAPES, "schedule.decay_shape",
@@ -358,6 +409,7 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
     _require(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     _require(cfg.logging.val_every >= 0, "logging.val_every", "must be >= 0")
     _require(cfg.logging.val_batches >= 1, "logging.val_batches", "must be >= 1")
+    _validate_stability(cfg)
     pm = cfg.pma_monitor
     if pm.enabled:
         _require(pm.strategy in ("sma", "wma", "ema"), "pma_monitor.strategy",
@@ -373,6 +425,34 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
         _require(p.zero_stage <= 2, "pma_monitor.enabled",
                  "the live monitor needs parallel.zero_stage <= 2 (ZeRO-3 ranks hold no full "
                  "module weights); merge ZeRO-3 runs offline with moe-merge merge")
+
+
+def _validate_stability(cfg: RecipeConfig) -> None:
+    st, c = cfg.stability, cfg.checkpoint
+    _require(st.on_spike in SPIKE_ACTIONS, "stability.on_spike",
+             f"'{st.on_spike}' is not one of {', '.join(SPIKE_ACTIONS)}")
+    _require(st.loss_factor > 1.0, "stability.loss_factor", f"must be > 1, got {st.loss_factor}")
+    _require(st.grad_norm_factor == 0 or st.grad_norm_factor > 1.0, "stability.grad_norm_factor",
+             f"must be 0 (off) or > 1, got {st.grad_norm_factor}")
+    _require(0.0 < st.trend_beta < 1.0, "stability.trend_beta", "must be in (0, 1)")
+    _require(st.min_steps >= 1, "stability.min_steps", "must be >= 1")
+    _require(st.pma_n >= 1, "stability.pma_n", "must be >= 1")
+    _require(st.pma_strategy in ("sma", "wma", "ema"), "stability.pma_strategy",
+             f"'{st.pma_strategy}' is not one of sma, wma, ema")
+    _require(0.0 < st.pma_alpha <= 1.0, "stability.pma_alpha", "must be in (0, 1]")
+    _require(st.optimizer_state in OPTIMIZER_POLICIES, "stability.optimizer_state",
+             f"'{st.optimizer_state}' is not one of {', '.join(OPTIMIZER_POLICIES)}")
+    _require(st.max_retries >= 0, "stability.max_retries", "must be >= 0")
+    _require(st.inject_nan_step >= 0, "stability.inject_nan_step", "must be >= 0")
+    if st.on_spike in ("rollback", "pma"):
+        _require(c.every_tokens > 0, "stability.on_spike",
+                 f"{st.on_spike} recovers from checkpoints: set checkpoint.every_tokens")
+        _require(st.on_spike == "pma" or st.optimizer_state != "merged",
+                 "stability.optimizer_state", "merged moments need on_spike=pma")
+        need = (st.pma_n if st.on_spike == "pma" else 1) + st.max_retries
+        _require(c.keep_last == 0 or c.keep_last >= need, "checkpoint.keep_last",
+                 f"{c.keep_last} is too few for stability.on_spike={st.on_spike}: keep at least "
+                 f"{need} (pma_n + max_retries) or 0 (all)")
 
 
 def check_world_size(cfg: RecipeConfig, world_size: int) -> None:

@@ -18,6 +18,8 @@ import torch
 TRAIN_SCALARS = ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "train/tokens")
 MOE_SCALARS = ("moe/aux_loss", "moe/load_entropy", "moe/load_max_over_mean")
 VAL_SCALARS = ("val/loss", "val/ppl")
+STABILITY_SCALARS = ("stability/spike", "stability/loss_over_trend", "stability/recovery",
+                     "stability/resume_step", "stability/steps_to_trend")
 
 
 def expert_load_stats(load_LE: torch.Tensor) -> dict[str, float]:
@@ -41,29 +43,50 @@ class MetricsLogger:
         self.enabled = enabled
         self.engine = engine
         self.path = run_dir / "metrics.jsonl"
+        self.attempt = 0
 
     def truncate_after(self, step: int) -> None:
         """Drop lines beyond ``step`` (a resume rewinds to its checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
         lines = self.path.read_text().splitlines()
-        keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        # stability events (spikes, recoveries) stay: they happened, whatever is replayed
+        keep = [ln for ln in lines if ln.strip() and (json.loads(ln).get("step", 0) <= step
+                                                      or "event" in json.loads(ln))]
         if len(keep) != len(lines):
             self.path.write_text("".join(ln + "\n" for ln in keep))
 
-    def log(self, step: int, scalars: dict[str, float], event: str | None = None) -> None:
+    def log(self, step: int, scalars: dict[str, float], event: str | None = None,
+            extra: dict[str, Any] | None = None) -> None:
+        """Scalars to TensorBoard and one metrics.jsonl line; ``event`` and ``extra`` (any JSON)
+        go to metrics.jsonl only. After a spike recovery the line carries ``attempt``: steps
+        are then executed again, and (step, attempt) orders the lines of the run."""
         if not self.enabled:
             return
         self.engine.monitor.write_events([(k, v, step) for k, v in scalars.items()])
         record: dict[str, Any] = {"step": step, "time": round(time.time(), 3), **scalars}
+        if self.attempt:
+            record["attempt"] = self.attempt
         if event:
             record["event"] = event
+        if extra:
+            record.update({k: v for k, v in extra.items() if k not in record})
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    def histogram(self, name: str, values: torch.Tensor, step: int) -> None:
+    def text(self, name: str, text: str, step: int) -> None:
+        """A line of text in TensorBoard's Text tab (events such as spikes and recoveries)."""
+        writer = self._writer()
+        if self.enabled and writer is not None:
+            writer.add_text(name, text, step)
+            writer.flush()
+
+    def _writer(self):
         tb = getattr(self.engine.monitor, "tb_monitor", None)
-        writer = getattr(tb, "summary_writer", None) if tb is not None else None
+        return getattr(tb, "summary_writer", None) if tb is not None else None
+
+    def histogram(self, name: str, values: torch.Tensor, step: int) -> None:
+        writer = self._writer()
         if self.enabled and writer is not None:
             writer.add_histogram(name, values.float(), step)
             writer.flush()

@@ -94,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Exception as e:
+        from moe_merge.stability import SpikeError
+
+        if not isinstance(e, SpikeError):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

@@ -26,6 +26,8 @@ from moe_merge.model import build_model, hf_config
 from moe_merge.monitor import MetricsLogger, expert_load_stats
 from moe_merge.pma_monitor import PMAMonitor
 from moe_merge.schedule import Schedule
+from moe_merge.stability import (SpikeDetector, SpikeError, recovery_plan, reset_optimizer_state,
+                                 resolve_init)
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,11 @@ class Trainer:
         # deepspeed.zero.Init was tried: with AutoEP the experts come out NaN, for dense models
         # transformers' _init_weights no longer applies (see the issue notes).
         model = build_model(cfg.model, self.vocab, cfg.seed)
+        resuming_any = self.resuming or bool(cfg.train.fork_from)
+        self.init = (resolve_init(cfg.train.init_from, cfg.train.init_optimizer)
+                     if cfg.train.init_from and not resuming_any else None)
+        if self.init is not None and self.init.format == "hf":
+            load_hf_weights(model, self.init.path)
         self.aux_coef = cfg.model.router_aux_loss_coef if cfg.model.is_moe else 0.0
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model), config=self.ds_config)
@@ -121,6 +128,13 @@ class Trainer:
         self.pma = (PMAMonitor(self.engine.module, cfg.pma_monitor)
                     if cfg.pma_monitor.enabled else None)
         self.step = 0
+        st = cfg.stability
+        self.detector = SpikeDetector.from_config(st) if st.on_spike != "off" else None
+        self.attempt = 0  # recoveries so far in this launch
+        self._retry_bound = -1  # the spike step the latest recovery was for
+        self._retries = 0
+        self._injected = False
+        self.spikes: list[dict] = []
         self._restore()
 
     # ---- run directory -------------------------------------------------------------------
@@ -156,6 +170,35 @@ class Trainer:
             if self.rank == 0:
                 ckpt.write_atomic(self.run_dir / "fork.json", json.dumps(
                     {"fork_from": str(fork.resolve()), "step": self.step}, indent=1))
+        elif self.init is not None:
+            self._init_weights()
+
+    def _init_weights(self) -> None:
+        """train.init_from: the merged (or checkpoint) weights at step 0 under this recipe's
+        schedule, with the optimizer state the policy asks for; saved as global_step0."""
+        src, policy = self.init, self.cfg.train.init_optimizer
+        if src.format == "deepspeed":
+            try:
+                path, _ = self.engine.load_checkpoint(str(src.load_dir), tag=src.tag,
+                                                      load_lr_scheduler_states=False)
+            except (RuntimeError, KeyError, ValueError, AssertionError) as e:
+                raise ConfigError(
+                    f"key 'train.init_from': DeepSpeed could not load {src.load_dir / src.tag} "
+                    f"({' '.join(str(e).split())[:300]}); it must come from a run with this "
+                    "model and parallel layout (world size, ZeRO stage, ep_size), or use an HF "
+                    "merge (--format hf) with train.init_optimizer=reset") from None
+            if path is None:
+                raise ConfigError(f"key 'train.init_from': DeepSpeed found no checkpoint in "
+                                  f"{src.load_dir / src.tag}")
+            if policy == "reset":
+                reset_optimizer_state(self.optimizer)
+            self.engine.global_steps = 0
+            self.engine.global_samples = 0
+        self.step = 0
+        if self.rank == 0:
+            ckpt.write_atomic(self.run_dir / "init.json", json.dumps(src.record(policy), indent=1))
+        self._log0(f"initialised from {src.path} ({src.format}"
+                   f"{', merged' if src.merged else ''}), optimizer state: {policy}")
 
     def _log0(self, msg: str) -> None:
         if self.rank == 0:
@@ -183,8 +226,12 @@ class Trainer:
         self._set_lr(self.schedule.lr_at(step))
         lm_sum = torch.zeros((), device=self.device)
         aux_sum = torch.zeros((), device=self.device)
+        inject = cfg.stability.inject_nan_step == step + 1 and not self._injected
         for micro in range(self.grad_accum):
             lm_loss, aux = self._forward_loss(rows[micro * mb:(micro + 1) * mb], with_aux=True)
+            if inject:  # a drill of the recovery path: this step's loss and gradients are NaN
+                lm_loss = lm_loss * float("nan")
+                self._injected = True
             self.engine.backward(lm_loss + self.aux_coef * aux)
             self.engine.step()
             lm_sum += lm_loss.detach()
@@ -246,10 +293,23 @@ class Trainer:
         pending: list[StepStats] = []
         last_loss = float("nan")
         val_loss = None
+        if self.init is not None and self.step == 0 and not self.resuming:
+            # the start of a PMA-init run: its exact weights and loss, for comparisons
+            val_loss = self.validate()
+            self.metrics.log(0, {"val/loss": val_loss,
+                                 "val/ppl": float(torch.tensor(val_loss).exp())})
+            self.save(0, float("nan"), val_loss)
         t_last, step_last = time.perf_counter(), self.step
         while self.step < end:
             pending.append(self.train_step())
             step = self.step
+            if self.detector is not None and self._watch(pending[-1]):
+                pending.clear()  # the spike's steps are dropped: reloaded from a checkpoint
+                t_last, step_last = time.perf_counter(), self.step
+                if bar is not None:
+                    bar.n = self.step
+                    bar.refresh()
+                continue
             log_now = step % cfg.logging.log_every == 0 or step == end
             save_now = (every and step % every == 0) or (
                 step == end and (end < total or cfg.checkpoint.save_final))
@@ -300,8 +360,111 @@ class Trainer:
         summary = {"run_dir": str(self.run_dir.resolve()), "steps": self.step,
                    "tokens": self.step * tps, "final_train_loss": last_loss,
                    "final_val_loss": val_loss,
-                   "checkpoints": [str(p) for _, p in ckpt.list_tags(self.ckpt_dir)]}
+                   "checkpoints": [str(p) for _, p in ckpt.list_tags(self.ckpt_dir)],
+                   "spikes": len(self.spikes), "recoveries": self.attempt}
         return summary
+
+    # ---- loss spikes -----------------------------------------------------------------------
+    def _watch(self, stats: StepStats) -> bool:
+        """Feed the step to the spike detector (every rank sees the same global values, so every
+        rank decides alike). Returns True when a recovery has reloaded a checkpoint."""
+        t = stats.lm_loss.detach().double().reshape(1).clone()
+        self.dist.all_reduce(t)
+        loss = t.item() / self.world
+        norm = self.engine.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        step = self.step
+        spike, ended = self.detector.update(step, loss, norm)
+        if ended is not None:
+            self.metrics.log(step, {"stability/steps_to_trend": float(ended)}, event="on_trend")
+            self._log0(f"back on trend at step {step}, {ended} steps after the spike")
+        if spike is None:
+            return False
+        record = {"kind": spike.kind, "loss": loss, "grad_norm": norm,
+                  "loss_trend": spike.loss_trend, "grad_norm_trend": spike.grad_norm_trend}
+        self.spikes.append({"step": step, **record})
+        self.metrics.log(step, spike.scalars(), event="spike", extra=record)
+        self.metrics.text("stability/events", f"step {step}: spike, {spike.describe()}", step)
+        self._log0(f"loss spike at step {step}: {spike.describe()}")
+        action = self.cfg.stability.on_spike
+        if action == "continue":
+            return False
+        self._recover(step, action)
+        return True
+
+    def _recover(self, spike_step: int, action: str) -> None:
+        """Reload the newest pre-spike checkpoint (rollback) or the merge of the last pma_n
+        pre-spike checkpoints (pma), in process, and continue from its step."""
+        st = self.cfg.stability
+        if spike_step <= self._retry_bound:
+            self._retries += 1
+        else:
+            self._retry_bound, self._retries = spike_step, 0
+        pre = [s for s, _ in ckpt.list_tags(self.ckpt_dir) if s < spike_step]
+        chosen = recovery_plan(pre, action, st.pma_n, self._retries)
+        if self._retries > st.max_retries or not chosen:
+            why = (f"{st.max_retries} recoveries did not get past it" if chosen
+                   else "no checkpoint is left before it")
+            self.metrics.log(spike_step, {"stability/gave_up": 1.0}, event="gave_up",
+                             extra={"retries": self._retries})
+            raise SpikeError(f"loss spike at step {spike_step}: {why} (stability.on_spike="
+                             f"{action}, max_retries={st.max_retries}); the run stops here, its "
+                             f"checkpoints up to step {pre[-1] if pre else 0} are intact")
+        tags = [ckpt.tag_for(s) for s in chosen]
+        t0 = time.perf_counter()
+        if action == "pma" and len(chosen) > 1:
+            load_dir = self.run_dir / "recovery" / f"spike{spike_step}_attempt{self.attempt + 1}"
+            self._merge_for_recovery(chosen, load_dir)
+            tag = tags[-1]
+        else:
+            load_dir, tag = self.ckpt_dir, tags[-1]
+        path, _ = self.engine.load_checkpoint(
+            str(load_dir), tag=tag, load_lr_scheduler_states=False,
+            load_optimizer_states=True)
+        if path is None:
+            raise SpikeError(f"recovery: DeepSpeed could not load {load_dir / tag}")
+        if st.optimizer_state == "reset":
+            reset_optimizer_state(self.optimizer)
+        if self.pma is not None:
+            self.pma.snapshots.clear()  # the window restarts on the recovered trajectory
+        self.attempt += 1
+        self.metrics.attempt = self.attempt
+        self.step = chosen[-1]
+        self.dist.barrier()
+        if self.rank == 0 and load_dir != self.ckpt_dir:  # keep the manifest, drop the copy
+            shutil.rmtree(load_dir / tag, ignore_errors=True)
+        seconds = time.perf_counter() - t0
+        record = {"action": action, "spike_step": spike_step, "resume_step": self.step,
+                  "checkpoints": tags, "retry": self._retries, "seconds": round(seconds, 3),
+                  "optimizer_state": st.optimizer_state}
+        self.metrics.log(spike_step, {"stability/recovery": 1.0,
+                                      "stability/resume_step": float(self.step)},
+                         event="recovery", extra=record)
+        what = f"the merge ({st.pma_strategy}) of {', '.join(tags)}" if len(tags) > 1 else tags[0]
+        self.metrics.text("stability/events", f"step {spike_step}: {action} recovery from "
+                                              f"{what}, resumed at step {self.step}", spike_step)
+        self._log0(f"recovered ({action}, attempt {self.attempt}) from {what}: resumed at step "
+                   f"{self.step} ({seconds:.1f} s)")
+
+    def _merge_for_recovery(self, steps: list[int], out: Path) -> None:
+        """Rank 0 writes the merge of ``steps`` as a DeepSpeed checkpoint; every rank learns
+        whether it succeeded."""
+        from moe_merge.merge.merger import merge
+
+        st = self.cfg.stability
+        error = None
+        if self.rank == 0:
+            try:
+                merge([self.ckpt_dir / ckpt.tag_for(s) for s in steps], out, fmt="deepspeed",
+                      strategy=st.pma_strategy, alpha=st.pma_alpha if st.pma_strategy == "ema"
+                      else None, optimizer_state=st.optimizer_state, overwrite=True,
+                      progress=False, echo=lambda _: None)
+            except Exception as e:  # reported on every rank below
+                error = f"{type(e).__name__}: {e}"
+        box = [error]
+        self.dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise SpikeError(f"pma recovery: merging {steps} failed: {box[0]}")
 
     def close(self) -> None:
         """Flush the monitor and tear the process group down before interpreter exit."""
@@ -336,9 +499,38 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
 
 
+def load_hf_weights(model: torch.nn.Module, hf_dir: Path) -> None:
+    """Copy an HF model directory's safetensors weights into ``model`` (the recipe's model,
+    before DeepSpeed wraps it); a mismatch is a ConfigError naming the tensor."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(hf_dir).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    own = model.state_dict()
+    for name, t in state.items():
+        if name not in own:
+            raise ConfigError(f"key 'train.init_from': {hf_dir} has tensor {name}, which the "
+                              f"recipe's model ({type(model).__name__}) does not")
+        if tuple(own[name].shape) != tuple(t.shape):
+            raise ConfigError(f"key 'train.init_from': {hf_dir}: {name} has shape "
+                              f"{tuple(t.shape)}, the recipe's model {tuple(own[name].shape)}")
+    missing = [k for k in own if k not in state
+               and not (k == "lm_head.weight" and getattr(model.config, "tie_word_embeddings",
+                                                          False))]
+    if missing:
+        raise ConfigError(f"key 'train.init_from': {hf_dir} lacks {missing[0]} "
+                          f"({len(missing)} tensors missing)")
+    model.load_state_dict(state, strict=False)
+
+
 def run(cfg: RecipeConfig) -> dict:
     trainer = Trainer(cfg)
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except SpikeError:
+        trainer.close()
+        raise
     trainer.close()
     if trainer.rank == 0:
         if summary["final_val_loss"] is None:  # resumed a run that had already finished
@@ -348,6 +540,9 @@ def run(cfg: RecipeConfig) -> dict:
             print(f"[moe_merge] done: {summary['steps']} steps, {summary['tokens']:,} tokens, "
                   f"final train loss {summary['final_train_loss']:.4f}, val loss "
                   f"{summary['final_val_loss']:.4f}", flush=True)
+            if cfg.stability.on_spike != "off":
+                print(f"[moe_merge] loss spikes: {summary['spikes']}, recoveries: "
+                      f"{summary['recoveries']}", flush=True)
         print(f"[moe_merge] run directory: {summary['run_dir']}", flush=True)
         print(f"[moe_merge] checkpoints:   {trainer.ckpt_dir.resolve()} "
               f"({len(summary['checkpoints'])} tags)", flush=True)

@@ -26,8 +26,8 @@ import torch
 
 from moe_merge.checkpoint.reader import DSCheckpoint, Piece, _for_state
 from moe_merge.checkpoint.safe_load import ALLOWED_GLOBALS, CheckpointError
+from moe_merge.config import OPTIMIZER_POLICIES
 
-OPTIMIZER_POLICIES = ("reset", "latest", "merged")
 
 
 def _load_shared(path: Path) -> dict:

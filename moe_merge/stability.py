@@ -1,0 +1,233 @@
+"""Warmup stability: loss-spike detection, recovery plans, and starting a run from merged weights.
+
+- :class:`SpikeDetector` watches the global loss and gradient norm of every optimizer step. A
+  step is a spike when its loss is above ``loss_factor`` x the running trend of the loss, when
+  its gradient norm is above ``grad_norm_factor`` x the trend of the gradient norm, or when
+  either is not finite. The trends are bias-corrected EMAs of the steps outside spikes, so a
+  spike never drags its own yardstick up. Consecutive spike steps form one event, which ends at
+  the first step back within the factors of the trend it started from.
+- :func:`recovery_plan` picks the checkpoints a recovery reloads: the newest pre-spike one
+  (rollback) or the last N before the spike, merged (pma); each retry for the same spike steps
+  one checkpoint further back.
+- :func:`resolve_init` reads ``train.init_from`` (an HF merge output, a DeepSpeed merge output
+  or a plain checkpoint) and checks the optimizer-state policy against what it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from moe_merge.config import ConfigError
+
+
+class SpikeError(RuntimeError):
+    """Training could not get past a loss spike within the allowed recoveries."""
+
+
+@dataclass
+class Spike:
+    """One spike event: its first step and why it fired."""
+    step: int
+    kind: str  # "nonfinite", "loss" or "grad_norm"
+    loss: float
+    grad_norm: float
+    loss_trend: float | None
+    grad_norm_trend: float | None
+
+    @property
+    def loss_ratio(self) -> float | None:
+        return self.loss / self.loss_trend if self.loss_trend else None
+
+    @property
+    def grad_norm_ratio(self) -> float | None:
+        return self.grad_norm / self.grad_norm_trend if self.grad_norm_trend else None
+
+    def describe(self) -> str:
+        if self.kind == "nonfinite":
+            return f"non-finite loss or gradient norm (loss {self.loss}, grad norm {self.grad_norm})"
+        if self.kind == "loss":
+            return (f"loss {self.loss:.4f} = {self.loss_ratio:.2f} x its trend "
+                    f"{self.loss_trend:.4f}")
+        return (f"gradient norm {self.grad_norm:.4g} = {self.grad_norm_ratio:.1f} x its trend "
+                f"{self.grad_norm_trend:.4g}")
+
+    def scalars(self) -> dict[str, float]:
+        out = {"stability/spike": 1.0, "stability/spike_nonfinite": float(self.kind == "nonfinite")}
+        if self.loss_ratio is not None and math.isfinite(self.loss):
+            out["stability/loss_over_trend"] = self.loss_ratio
+        if self.grad_norm_ratio is not None and math.isfinite(self.grad_norm):
+            out["stability/grad_norm_over_trend"] = self.grad_norm_ratio
+        return out
+
+
+@dataclass
+class _EMA:
+    beta: float
+    value: float = 0.0
+    n: int = 0
+
+    def add(self, x: float) -> None:
+        self.value = self.beta * self.value + (1 - self.beta) * x
+        self.n += 1
+
+    @property
+    def trend(self) -> float | None:
+        return self.value / (1 - self.beta ** self.n) if self.n else None
+
+
+@dataclass
+class SpikeDetector:
+    loss_factor: float = 1.3
+    grad_norm_factor: float = 10.0
+    beta: float = 0.9
+    min_steps: int = 20
+    loss: _EMA = field(init=False)
+    grad_norm: _EMA = field(init=False)
+    event: Spike | None = field(init=False, default=None)
+    """The spike event in progress (None when the run is on trend)."""
+    event_steps: int = field(init=False, default=0)
+    """Steps executed since the event began (reloads and replays included)."""
+
+    def __post_init__(self):
+        self.loss = _EMA(self.beta)
+        self.grad_norm = _EMA(self.beta)
+
+    @classmethod
+    def from_config(cls, st) -> "SpikeDetector":
+        return cls(st.loss_factor, st.grad_norm_factor, st.trend_beta, st.min_steps)
+
+    def _fires(self, loss: float, grad_norm: float) -> str | None:
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return "nonfinite"
+        if self.loss.n < self.min_steps:
+            return None
+        if loss > self.loss_factor * self.loss.trend:
+            return "loss"
+        if self.grad_norm_factor and grad_norm > self.grad_norm_factor * self.grad_norm.trend:
+            return "grad_norm"
+        return None
+
+    def update(self, step: int, loss: float, grad_norm: float) -> tuple[Spike | None, int | None]:
+        """Feed one step. Returns (the new event if this step starts one, the event's length in
+        steps if this step ends one). A step inside an event returns (None, None)."""
+        kind = self._fires(loss, grad_norm)
+        if kind is not None:
+            if self.event is not None:
+                self.event_steps += 1
+                return None, None
+            self.event = Spike(step, kind, loss, grad_norm, self.loss.trend, self.grad_norm.trend)
+            self.event_steps = 1
+            return self.event, None
+        self.loss.add(loss)
+        self.grad_norm.add(grad_norm)
+        if self.event is not None:
+            length, self.event = self.event_steps, None
+            return None, length
+        return None, None
+
+
+def recovery_plan(pre_spike_steps: list[int], action: str, n: int, retry: int) -> list[int]:
+    """Checkpoint steps (oldest first) a recovery reloads: ``pre_spike_steps`` are the steps of
+    the checkpoints saved before the spike; retry k (0 first) drops the newest k of them."""
+    usable = sorted(pre_spike_steps)[:len(pre_spike_steps) - retry] if retry else sorted(
+        pre_spike_steps)
+    if not usable:
+        return []
+    return usable[-1:] if action == "rollback" else usable[-n:]
+
+
+# ---- train.init_from -------------------------------------------------------------------------
+@dataclass
+class InitSource:
+    path: Path
+    format: str  # "hf" or "deepspeed"
+    load_dir: Path | None = None  # deepspeed: the directory holding the tag
+    tag: str | None = None
+    manifest: dict | None = None  # merge_manifest.json of a merge output
+
+    @property
+    def merged(self) -> bool:
+        return self.manifest is not None
+
+    def record(self, policy: str) -> dict:
+        m = self.manifest
+        out = {"init_from": str(self.path.resolve()), "format": self.format, "tag": self.tag,
+               "optimizer": policy, "merged": self.merged}
+        if m is not None:
+            out["merge"] = {"strategy": m.get("strategy"), "alpha": m.get("alpha"),
+                            "steps": [i.get("step") for i in m.get("inputs", [])],
+                            "weights": m.get("weights"), "optimizer_state": m.get("optimizer_state"),
+                            "inputs": [i.get("path") for i in m.get("inputs", [])]}
+        return out
+
+
+def _manifest(d: Path) -> dict | None:
+    f = d / "merge_manifest.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"key 'train.init_from': {f}: not valid JSON ({e.msg})") from None
+
+
+def resolve_init(path: str | Path, policy: str) -> InitSource:
+    """What ``train.init_from`` points at, checked against ``train.init_optimizer``."""
+    from moe_merge.checkpoint.discover import is_tag_dir
+
+    p = Path(path)
+    key = "key 'train.init_from'"
+    if (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        if policy != "reset":
+            raise ConfigError(f"key 'train.init_optimizer': {policy} needs optimizer state, and "
+                              f"{p} is an HF model (weights only): use reset, or a merge written "
+                              "with --format deepspeed")
+        return InitSource(p, "hf", manifest=_manifest(p))
+    if is_tag_dir(p):
+        src = InitSource(p, "deepspeed", p.parent, p.name, _manifest(p.parent))
+    else:
+        base = p / "checkpoints" if (p / "checkpoints" / "latest").is_file() else p
+        latest = base / "latest"
+        if not latest.is_file():
+            raise ConfigError(f"{key}: {p} is neither an HF model directory (config.json and "
+                              "*.safetensors) nor a DeepSpeed checkpoint (a global_stepN/ "
+                              "directory, or a directory or run with a 'latest' file)")
+        tag = latest.read_text().strip()
+        if not is_tag_dir(base / tag):
+            raise ConfigError(f"{key}: {latest} names {tag}, which is not a checkpoint in {base}")
+        src = InitSource(p, "deepspeed", base, tag, _manifest(base))
+    held = src.manifest.get("optimizer_state") if src.manifest else "latest"
+    if policy != "reset" and policy != held:
+        what = (f"was merged with --optimizer-state {held}" if src.merged
+                else "is a plain checkpoint (its moments are its own: 'latest')")
+        raise ConfigError(f"key 'train.init_optimizer': {policy}, but {p} {what}; set "
+                          f"train.init_optimizer={held} or reset, or merge again with "
+                          f"--format deepspeed --optimizer-state {policy}")
+    return src
+
+
+def reset_optimizer_state(optimizer) -> int:
+    """Zero Adam's moments and step counts in place (a fresh optimizer's state), through
+    DeepSpeed's wrappers down to the torch optimizer. Returns the number of states reset."""
+    import torch
+
+    count, seen, opt = 0, set(), optimizer
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        if isinstance(opt, torch.optim.Optimizer):
+            for state in opt.state.values():
+                for k, v in list(state.items()):
+                    if torch.is_tensor(v):
+                        v.zero_()
+                    elif k == "step":
+                        state[k] = 0
+                count += 1
+        opt = getattr(opt, "optimizer", None)
+    return count
+
+
+def as_dict(spike: Spike) -> dict:
+    return asdict(spike)
