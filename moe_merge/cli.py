@@ -40,12 +40,14 @@ def _merge(args) -> int:
 def _study(args) -> int:
     from pathlib import Path
 
+    out = Path(args.out or f"runs/study_{args.kind.replace('-', '_')}_{Path(args.recipe).stem}"
+               + ("_quick" if args.quick else ""))
+    echo = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.kind != "anneal":
+        return _stability_study(args, out, echo)
     from moe_merge.evals.anneal_study import AnnealStudy
 
-    out = Path(args.out or f"runs/study_{args.kind}_{Path(args.recipe).stem}"
-               + ("_quick" if args.quick else ""))
-    study = AnnealStudy(args.recipe, args.overrides, out, quick=args.quick,
-                        echo=lambda s: print(s, file=sys.stderr, flush=True))
+    study = AnnealStudy(args.recipe, args.overrides, out, quick=args.quick, echo=echo)
     res = study.run()
     s = res["summary"]
     print(f"report: {out / 'report.md'}")
@@ -59,6 +61,27 @@ def _study(args) -> int:
               f"merged vs annealed {sp_text}")
     else:
         print("annealing did not lower the loss at these fork points: no captured fraction")
+    return 0
+
+
+def _stability_study(args, out, echo) -> int:
+    from moe_merge.evals.stability_study import PMAInitStudy, SpikeStudy
+
+    cls = PMAInitStudy if args.kind == "pma-init" else SpikeStudy
+    res = cls(args.recipe, args.overrides, out, quick=args.quick, echo=echo).run()
+    print(f"report: {out / 'report.md'}")
+    if args.kind == "pma-init":
+        for lr, row in res["summary"].items():
+            gm, gs = row["warmup_grad_norm_max"], row["warmup_grad_norm_std"]
+            print(f"CT peak LR {lr}: warmup grad-norm max latest {gm['latest']['mean']:.3f} vs "
+                  f"PMA {gm['pma']['mean']:.3f} (PMA lower in {gm['pma_lower']}/{gm['of']} "
+                  f"seeds), std {gs['latest']['mean']:.3f} vs {gs['pma']['mean']:.3f}; final val "
+                  f"{row['val_final']['latest']['mean']:.4f} vs "
+                  f"{row['val_final']['pma']['mean']:.4f}")
+    else:
+        for arm, r in res["summary"].items():
+            print(f"{arm}: {r['spiked']}/{r['runs']} runs spiked, {r['recovered']} recovered, "
+                  f"{r['gave_up']} gave up")
     return 0
 
 
@@ -159,9 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "out among the ranks; hf or safetensors output on a shared file system")
 
     sd = sub.add_parser("study", help="reproducible studies: anneal (do merged constant-LR "
-                                      "checkpoints predict annealing?)")
-    sd.add_argument("kind", choices=["anneal"])
-    sd.add_argument("recipe", help="study recipe (e.g. recipes/study_anneal_tiny.yaml)")
+                                      "checkpoints predict annealing?), pma-init (continued "
+                                      "training from merged weights), spike (recovering from "
+                                      "loss spikes: pma vs rollback vs continue)")
+    sd.add_argument("kind", choices=["anneal", "pma-init", "spike"])
+    sd.add_argument("recipe", help="study recipe (e.g. recipes/study_anneal_tiny.yaml, "
+                                   "recipes/study_pma_init_tiny.yaml, recipes/study_spike_tiny.yaml)")
     sd.add_argument("overrides", nargs="*", help="key=value overrides of the training recipe, "
                                                  "or study.key=value of its study section")
     sd.add_argument("--out", default=None,

@@ -21,9 +21,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(recipe: str | Path, overrides: list[str], log: Path, world_size: int = 0) -> float:
+def train(recipe: str | Path, overrides: list[str], log: Path, world_size: int = 0,
+          ok_codes: tuple[int, ...] | None = None):
     """Run ``moe_merge.train RECIPE overrides`` on this node; its output goes to ``log``.
-    Returns the wall time in seconds; raises :class:`LaunchError` if it fails."""
+    Returns the wall time in seconds; raises :class:`LaunchError` if it fails. With
+    ``ok_codes`` (exit codes that are outcomes, e.g. 3: a loss spike the run could not get
+    past), returns (seconds, exit code) and raises only for other codes."""
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -43,7 +46,8 @@ def train(recipe: str | Path, overrides: list[str], log: Path, world_size: int =
         f.flush()
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                               stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
+    if proc.returncode not in (ok_codes or (0,)):
         tail = " | ".join(log.read_text().strip().splitlines()[-3:])[-400:]
         raise LaunchError(f"training launch failed (exit {proc.returncode}), log {log}: {tail}")
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    return seconds if ok_codes is None else (seconds, proc.returncode)

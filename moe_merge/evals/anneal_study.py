@@ -75,24 +75,28 @@ class AnnealStudyConfig:
     annealed branch's end (0: skip)."""
 
 
-def load_study(path: str | Path, overrides: list[str] = (), quick: bool = False
-               ) -> tuple[RecipeConfig, AnnealStudyConfig, str]:
-    """The training recipe (validated), the study settings, and the training recipe as YAML
-    (the study file minus its ``study`` section, with the training overrides applied)."""
+def load_study(path: str | Path, overrides: list[str] = (), quick: bool = False,
+               schema: type = None, quick_overrides: dict | None = None, check=None
+               ) -> tuple[RecipeConfig, object, str]:
+    """The training recipe (validated), the study settings (``schema``, default the annealing
+    study's), and the training recipe as YAML (the study file minus its ``study`` section,
+    with the training overrides applied). ``quick_overrides`` and ``check`` go with ``schema``."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    if schema is None:
+        schema, quick_overrides, check = AnnealStudyConfig, QUICK, _check
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
     if quick:
-        overrides = [*QUICK["train"], *QUICK["study"], *overrides]
+        overrides = [*quick_overrides["train"], *quick_overrides["study"], *overrides]
     study_ov = [o for o in overrides if o.startswith("study.")]
     train_ov = [o for o in overrides if not o.startswith("study.")]
     raw = OmegaConf.load(path)
     study_raw = raw.pop("study", None) or {}
     try:
-        st = OmegaConf.merge(OmegaConf.structured(AnnealStudyConfig), study_raw,
+        st = OmegaConf.merge(OmegaConf.structured(schema), study_raw,
                              OmegaConf.from_dotlist([o[len("study."):] for o in study_ov]))
         st = OmegaConf.to_object(st)
     except OmegaConfBaseException as e:
@@ -100,7 +104,7 @@ def load_study(path: str | Path, overrides: list[str] = (), quick: bool = False
         raise ConfigError(f"{path}: study section: "
                           f"{f'key study.{key}: ' if key else ''}{str(e).splitlines()[0]}") from None
     cfg = load_recipe(path, train_ov, data=raw)
-    _check(cfg, st, path)
+    check(cfg, st, path)
     from moe_merge.config import to_yaml
 
     return cfg, st, to_yaml(cfg)
@@ -247,10 +251,13 @@ def _steps(run: Path) -> list[int]:
     return [step for step, _ in list_tags(run / "checkpoints")]
 
 
-class AnnealStudy:
-    def __init__(self, recipe: str | Path, overrides: list[str], out: Path, quick: bool = False,
-                 echo=print):
-        self.cfg, self.st, train_yaml = load_study(recipe, overrides, quick)
+class StudyBase:
+    """A study directory: the training recipe it runs (train_recipe.yaml, fixed for the
+    directory), study.json, and the runs it launches (reused when already complete)."""
+
+    def __init__(self, recipe: str | Path, overrides: list[str], out: Path, quick: bool,
+                 echo, **load):
+        self.cfg, self.st, train_yaml = load_study(recipe, overrides, quick, **load)
         self.out = Path(out)
         self.echo = echo
         self.out.mkdir(parents=True, exist_ok=True)
@@ -264,30 +271,43 @@ class AnnealStudy:
              "study": asdict(self.st)}, indent=1) + "\n")
         self.tps = self.cfg.tokens_per_step
         self.every = self.cfg.checkpoint_every_steps
-        self.forks = fork_steps(self.cfg, self.st)
-        self.decay_steps = round(self.st.decay_tokens / self.tps)
         self.warmup_steps = round(self.cfg.schedule.warmup_tokens / self.tps)
         self.trained = self.reused = 0
         self.train_seconds = 0.0
 
-    # ---- training ---------------------------------------------------------------------------
-    def _train(self, name: str, seed: int, extra: list[str], end: int) -> Path:
-        """Train (or resume) one run; a run whose final checkpoint exists is reused as is."""
+    def _train(self, name: str, seed: int, extra: list[str], end: int,
+               root: Path | None = None, ok_codes: tuple[int, ...] = (0,)) -> Path:
+        """Train (or resume) one run under ``root`` (default seed<seed>/); a run whose final
+        checkpoint exists, or that ended with an accepted non-zero exit (``ok_codes``; recorded
+        in its exit.json), is reused as is."""
         from moe_merge import launching
 
-        run_root = self.out / f"seed{seed}"
+        run_root = root or self.out / f"seed{seed}"
         run = run_root / name
-        if (run / "checkpoints" / f"global_step{end}" / "meta.json").is_file():
+        if (run / "checkpoints" / f"global_step{end}" / "meta.json").is_file() or \
+                (run / "exit.json").is_file():
             self.echo(f"  seed {seed}: {name} done before, reused")
             self.reused += 1
             return run
-        t = launching.train(self.recipe, [f"name={name}", f"output_dir={run_root}", f"seed={seed}",
-                                          "logging.progress=false", "train.resume=auto", *extra],
-                            run_root / "logs" / f"{name}.log", self.cfg.parallel.world_size)
-        self.echo(f"  seed {seed}: {name} trained ({t:.0f} s)")
+        t, code = launching.train(self.recipe, [f"name={name}", f"output_dir={run_root}",
+                                                f"seed={seed}", "logging.progress=false",
+                                                "train.resume=auto", *extra],
+                                  run_root / "logs" / f"{name}.log", self.cfg.parallel.world_size,
+                                  ok_codes=ok_codes)
+        if code != 0:
+            (run / "exit.json").write_text(json.dumps({"exit": code}) + "\n")
+        self.echo(f"  seed {seed}: {name} trained ({t:.0f} s{f', exit {code}' if code else ''})")
         self.trained += 1
         self.train_seconds += t
         return run
+
+
+class AnnealStudy(StudyBase):
+    def __init__(self, recipe: str | Path, overrides: list[str], out: Path, quick: bool = False,
+                 echo=print):
+        super().__init__(recipe, overrides, out, quick, echo)
+        self.forks = fork_steps(self.cfg, self.st)
+        self.decay_steps = round(self.st.decay_tokens / self.tps)
 
     def _branch_overrides(self, trunk: Path, fork: int) -> list[str]:
         end = fork + self.decay_steps
