@@ -71,13 +71,14 @@ def _stability_study(args, out, echo) -> int:
     res = cls(args.recipe, args.overrides, out, quick=args.quick, echo=echo).run()
     print(f"report: {out / 'report.md'}")
     if args.kind == "pma-init":
+        from moe_merge.evals.anneal_report import _ms
+
         for lr, row in res["summary"].items():
-            gm, gs = row["warmup_grad_norm_max"], row["warmup_grad_norm_std"]
-            print(f"CT peak LR {lr}: warmup grad-norm max latest {gm['latest']['mean']:.3f} vs "
-                  f"PMA {gm['pma']['mean']:.3f} (PMA lower in {gm['pma_lower']}/{gm['of']} "
-                  f"seeds), std {gs['latest']['mean']:.3f} vs {gs['pma']['mean']:.3f}; final val "
-                  f"{row['val_final']['latest']['mean']:.4f} vs "
-                  f"{row['val_final']['pma']['mean']:.4f}")
+            gm, gs, vf = row["warmup_grad_norm_max"], row["warmup_grad_norm_std"], row["val_final"]
+            print(f"CT peak LR {lr}: warmup grad-norm max latest {_ms(gm['latest'], 3)} vs PMA "
+                  f"{_ms(gm['pma'], 3)} (PMA lower in {gm['pma_lower']}/{gm['of']} seeds), std "
+                  f"{_ms(gs['latest'], 3)} vs {_ms(gs['pma'], 3)}; final val "
+                  f"{_ms(vf['latest'])} vs {_ms(vf['pma'])}")
     else:
         for arm, r in res["summary"].items():
             print(f"{arm}: {r['spiked']}/{r['runs']} runs spiked, {r['recovered']} recovered, "

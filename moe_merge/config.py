@@ -205,8 +205,11 @@ class StabilityConfig:
     """Adam state after a recovery: latest (the newest pre-spike checkpoint's moments), merged
     (pma: averaged with the same weights) or reset (zero moments)."""
     max_retries: int = 3
-    """Recoveries allowed for one spike: each further one goes one checkpoint further back; when
-    the run has not got past the spike after that many, it stops with an error."""
+    """Retries for one spike after its first recovery, each one checkpoint further back; when
+    the run has not got past the spike after 1 + max_retries recoveries, it stops (exit 3)."""
+    skip_batches: int = 0
+    """After each recovery, skip the batches of this many steps: the replay sees new data (the
+    LR schedule is unchanged). 0: replay the same batches (the paper's setting)."""
     inject_nan_step: int = 0
     """Testing: make the loss of this optimizer step NaN once per launch (a drill of the
     recovery path); 0: never."""
@@ -443,6 +446,7 @@ def _validate_stability(cfg: RecipeConfig) -> None:
     _require(st.optimizer_state in OPTIMIZER_POLICIES, "stability.optimizer_state",
              f"'{st.optimizer_state}' is not one of {', '.join(OPTIMIZER_POLICIES)}")
     _require(st.max_retries >= 0, "stability.max_retries", "must be >= 0")
+    _require(st.skip_batches >= 0, "stability.skip_batches", "must be >= 0")
     _require(st.inject_nan_step >= 0, "stability.inject_nan_step", "must be >= 0")
     if st.on_spike in ("rollback", "pma"):
         _require(c.every_tokens > 0, "stability.on_spike",

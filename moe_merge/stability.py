@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from moe_merge.config import ConfigError
@@ -89,7 +89,7 @@ class SpikeDetector:
     event: Spike | None = field(init=False, default=None)
     """The spike event in progress (None when the run is on trend)."""
     event_steps: int = field(init=False, default=0)
-    """Steps executed since the event began (reloads and replays included)."""
+    """Steps the event has lasted (a recovery ends it: ``restart``)."""
 
     def __post_init__(self):
         self.loss = _EMA(self.beta)
@@ -99,44 +99,86 @@ class SpikeDetector:
     def from_config(cls, st) -> "SpikeDetector":
         return cls(st.loss_factor, st.grad_norm_factor, st.trend_beta, st.min_steps)
 
-    def _fires(self, loss: float, grad_norm: float) -> str | None:
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    def _fires(self, loss: float, grad_norm: float | None) -> str | None:
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             return "nonfinite"
         if self.loss.n < self.min_steps:
             return None
         if loss > self.loss_factor * self.loss.trend:
             return "loss"
-        if self.grad_norm_factor and grad_norm > self.grad_norm_factor * self.grad_norm.trend:
+        if self.grad_norm_factor and grad_norm is not None and self.grad_norm.n and \
+                grad_norm > self.grad_norm_factor * self.grad_norm.trend:
             return "grad_norm"
         return None
 
-    def update(self, step: int, loss: float, grad_norm: float) -> tuple[Spike | None, int | None]:
-        """Feed one step. Returns (the new event if this step starts one, the event's length in
-        steps if this step ends one). A step inside an event returns (None, None)."""
+    def update(self, step: int, loss: float, grad_norm: float | None
+               ) -> tuple[Spike | None, int | None]:
+        """Feed one step (``grad_norm`` None: not available, e.g. DeepSpeed without ZeRO, only
+        the loss is judged). Returns (the new event if this step starts one, the event's length
+        in steps if this step ends one). A step inside an event returns (None, None)."""
         kind = self._fires(loss, grad_norm)
         if kind is not None:
             if self.event is not None:
                 self.event_steps += 1
                 return None, None
-            self.event = Spike(step, kind, loss, grad_norm, self.loss.trend, self.grad_norm.trend)
+            self.event = Spike(step, kind, loss, math.nan if grad_norm is None else grad_norm,
+                               self.loss.trend, self.grad_norm.trend)
             self.event_steps = 1
             return self.event, None
         self.loss.add(loss)
-        self.grad_norm.add(grad_norm)
+        if grad_norm is not None:
+            self.grad_norm.add(grad_norm)
         if self.event is not None:
             length, self.event = self.event_steps, None
             return None, length
         return None, None
 
 
-def recovery_plan(pre_spike_steps: list[int], action: str, n: int, retry: int) -> list[int]:
-    """Checkpoint steps (oldest first) a recovery reloads: ``pre_spike_steps`` are the steps of
-    the checkpoints saved before the spike; retry k (0 first) drops the newest k of them."""
-    usable = sorted(pre_spike_steps)[:len(pre_spike_steps) - retry] if retry else sorted(
-        pre_spike_steps)
-    if not usable:
-        return []
-    return usable[-1:] if action == "rollback" else usable[-n:]
+    def restart(self, trends: tuple[_EMA, _EMA] | None = None) -> None:
+        """After a reload the event is over (its steps were discarded): the next spike, a
+        replayed one included, starts a new event. ``trends``: the ones saved with the
+        checkpoint reloaded (``trends()``), so replayed steps are not counted twice."""
+        self.event, self.event_steps = None, 0
+        if trends is not None:
+            self.loss, self.grad_norm = (replace(t) for t in trends)
+
+    def trends(self) -> tuple[_EMA, _EMA]:
+        return replace(self.loss), replace(self.grad_norm)
+
+
+@dataclass
+class RetryCount:
+    """Recoveries for one spike. A spike at or before the step of the spike the last recovery
+    was for is a retry of it, and chooses among the checkpoints older than the one the last
+    recovery resumed from (each retry goes one checkpoint further back); a spike past that
+    step is a new one (the run got past the old), with a fresh count. The spike step of a new
+    count is always later than the last one's, so recoveries cannot loop forever."""
+    bound: int = -1
+    retries: int = 0
+    floor: int | None = None
+
+    def next(self, spike_step: int) -> int:
+        """The retry index of a recovery for a spike at ``spike_step`` (0: a new spike)."""
+        if spike_step <= self.bound:
+            self.retries += 1
+        else:
+            self.bound, self.retries, self.floor = spike_step, 0, None
+        return self.retries
+
+    def candidates(self, steps: list[int], spike_step: int) -> list[int]:
+        """The checkpoint steps this recovery may reload, oldest first."""
+        limit = spike_step if self.floor is None else min(spike_step, self.floor)
+        return sorted(s for s in steps if s < limit)
+
+    def resumed(self, step: int) -> None:
+        self.floor = step
+
+
+def recovery_plan(candidates: list[int], action: str, n: int) -> list[int]:
+    """Checkpoint steps (oldest first) a recovery reloads: the newest candidate (rollback) or
+    the newest ``n`` (pma, merged)."""
+    c = sorted(candidates)
+    return c[-1:] if action == "rollback" else c[-n:]
 
 
 # ---- train.init_from -------------------------------------------------------------------------

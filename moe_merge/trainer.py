@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -26,8 +27,8 @@ from moe_merge.model import build_model, hf_config
 from moe_merge.monitor import MetricsLogger, expert_load_stats
 from moe_merge.pma_monitor import PMAMonitor
 from moe_merge.schedule import Schedule
-from moe_merge.stability import (SpikeDetector, SpikeError, recovery_plan, reset_optimizer_state,
-                                 resolve_init)
+from moe_merge.stability import (RetryCount, SpikeDetector, SpikeError, recovery_plan,
+                                 reset_optimizer_state, resolve_init)
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +132,9 @@ class Trainer:
         st = cfg.stability
         self.detector = SpikeDetector.from_config(st) if st.on_spike != "off" else None
         self.attempt = 0  # recoveries so far in this launch
-        self._retry_bound = -1  # the spike step the latest recovery was for
-        self._retries = 0
+        self.retry = RetryCount()
+        self.data_offset = 0  # steps of batches skipped by recoveries (stability.skip_batches)
+        self._trends: dict[int, tuple] = {}  # the detector's trends at each checkpoint
         self._injected = False
         self.spikes: list[dict] = []
         self._restore()
@@ -157,6 +159,7 @@ class Trainer:
         if self.resuming:
             path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
             self.step = int(client["moe_merge"]["step"])
+            self.data_offset = int(client["moe_merge"].get("data_offset", 0))
             self._log0(f"resumed from {path} at step {self.step}")
             self.metrics.truncate_after(self.step)
         elif cfg.train.fork_from:
@@ -166,6 +169,7 @@ class Trainer:
             if path is None:
                 raise ConfigError(f"key 'train.fork_from': DeepSpeed could not load {fork}")
             self.step = int(client["moe_merge"]["step"])
+            self.data_offset = int(client["moe_merge"].get("data_offset", 0))
             self._log0(f"forked from {fork} at step {self.step}")
             if self.rank == 0:
                 ckpt.write_atomic(self.run_dir / "fork.json", json.dumps(
@@ -181,7 +185,7 @@ class Trainer:
             try:
                 path, _ = self.engine.load_checkpoint(str(src.load_dir), tag=src.tag,
                                                       load_lr_scheduler_states=False)
-            except (RuntimeError, KeyError, ValueError, AssertionError) as e:
+            except Exception as e:  # DeepSpeed raises many kinds for a layout mismatch
                 raise ConfigError(
                     f"key 'train.init_from': DeepSpeed could not load {src.load_dir / src.tag} "
                     f"({' '.join(str(e).split())[:300]}); it must come from a run with this "
@@ -221,7 +225,8 @@ class Trainer:
     def train_step(self) -> StepStats:
         cfg, step = self.cfg, self.step
         mb = cfg.parallel.micro_batch
-        first = step * cfg.parallel.global_batch + self.rank * mb * self.grad_accum
+        first = (step + self.data_offset) * cfg.parallel.global_batch + self.rank * mb * \
+            self.grad_accum
         rows = torch.from_numpy(self.batches.samples(first, mb * self.grad_accum)).to(self.device)
         self._set_lr(self.schedule.lr_at(step))
         lm_sum = torch.zeros((), device=self.device)
@@ -371,8 +376,8 @@ class Trainer:
         t = stats.lm_loss.detach().double().reshape(1).clone()
         self.dist.all_reduce(t)
         loss = t.item() / self.world
-        norm = self.engine.get_global_grad_norm()
-        norm = float("nan") if norm is None else float(norm)
+        norm = self.engine.get_global_grad_norm()  # None without ZeRO: the loss alone is judged
+        norm = None if norm is None else float(norm)
         step = self.step
         spike, ended = self.detector.update(step, loss, norm)
         if ended is not None:
@@ -394,49 +399,63 @@ class Trainer:
 
     def _recover(self, spike_step: int, action: str) -> None:
         """Reload the newest pre-spike checkpoint (rollback) or the merge of the last pma_n
-        pre-spike checkpoints (pma), in process, and continue from its step."""
+        pre-spike checkpoints (pma), in process, and continue from its step. Rank 0 chooses
+        (its view of the checkpoint directory) and every rank follows."""
         st = self.cfg.stability
-        if spike_step <= self._retry_bound:
-            self._retries += 1
-        else:
-            self._retry_bound, self._retries = spike_step, 0
-        pre = [s for s, _ in ckpt.list_tags(self.ckpt_dir) if s < spike_step]
-        chosen = recovery_plan(pre, action, st.pma_n, self._retries)
-        if self._retries > st.max_retries or not chosen:
-            why = (f"{st.max_retries} recoveries did not get past it" if chosen
+        retry = self.retry.next(spike_step)
+        plan = [None, None]
+        if self.rank == 0:
+            candidates = self.retry.candidates([s for s, _ in ckpt.list_tags(self.ckpt_dir)],
+                                               spike_step)
+            plan = [recovery_plan(candidates, action, st.pma_n), candidates]
+        self.dist.broadcast_object_list(plan, src=0)
+        chosen, candidates = plan
+        if retry > st.max_retries or not chosen:
+            why = (f"{retry} recoveries did not get past it" if chosen
                    else "no checkpoint is left before it")
             self.metrics.log(spike_step, {"stability/gave_up": 1.0}, event="gave_up",
-                             extra={"retries": self._retries})
+                             extra={"retries": retry})
             raise SpikeError(f"loss spike at step {spike_step}: {why} (stability.on_spike="
                              f"{action}, max_retries={st.max_retries}); the run stops here, its "
-                             f"checkpoints up to step {pre[-1] if pre else 0} are intact")
+                             "checkpoints are intact")
         tags = [ckpt.tag_for(s) for s in chosen]
         t0 = time.perf_counter()
         if action == "pma" and len(chosen) > 1:
             load_dir = self.run_dir / "recovery" / f"spike{spike_step}_attempt{self.attempt + 1}"
             self._merge_for_recovery(chosen, load_dir)
-            tag = tags[-1]
         else:
-            load_dir, tag = self.ckpt_dir, tags[-1]
-        path, _ = self.engine.load_checkpoint(
-            str(load_dir), tag=tag, load_lr_scheduler_states=False,
-            load_optimizer_states=True)
-        if path is None:
-            raise SpikeError(f"recovery: DeepSpeed could not load {load_dir / tag}")
+            load_dir = self.ckpt_dir
+        error = None
+        try:
+            path, _ = self.engine.load_checkpoint(str(load_dir), tag=tags[-1],
+                                                  load_lr_scheduler_states=False)
+            if path is None:
+                error = "DeepSpeed found no checkpoint"
+        except Exception as e:  # agreed on by every rank below, then raised on all of them
+            error = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        failed = torch.tensor([0.0 if error is None else 1.0], device=self.device)
+        self.dist.all_reduce(failed)
+        if failed.item():
+            raise SpikeError(f"recovery from {load_dir / tags[-1]} failed"
+                             f"{f': {error}' if error else ' on another rank'}")
         if st.optimizer_state == "reset":
             reset_optimizer_state(self.optimizer)
+        # a replayed spike is a new one (it gets another recovery); trends as at the checkpoint
+        self.detector.restart(self._trends.get(chosen[-1]))
         if self.pma is not None:
             self.pma.snapshots.clear()  # the window restarts on the recovered trajectory
         self.attempt += 1
         self.metrics.attempt = self.attempt
         self.step = chosen[-1]
+        self.retry.resumed(self.step)
+        self.data_offset += st.skip_batches
         self.dist.barrier()
         if self.rank == 0 and load_dir != self.ckpt_dir:  # keep the manifest, drop the copy
-            shutil.rmtree(load_dir / tag, ignore_errors=True)
+            shutil.rmtree(load_dir / tags[-1], ignore_errors=True)
         seconds = time.perf_counter() - t0
         record = {"action": action, "spike_step": spike_step, "resume_step": self.step,
-                  "checkpoints": tags, "retry": self._retries, "seconds": round(seconds, 3),
-                  "optimizer_state": st.optimizer_state}
+                  "checkpoints": tags, "retry": retry, "seconds": round(seconds, 3),
+                  "optimizer_state": st.optimizer_state, "data_offset": self.data_offset}
         self.metrics.log(spike_step, {"stability/recovery": 1.0,
                                       "stability/resume_step": float(self.step)},
                          event="recovery", extra=record)
@@ -477,11 +496,17 @@ class Trainer:
     def save(self, step: int, train_loss: float, val_loss: float | None) -> None:
         tag = ckpt.tag_for(step)
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag,
-                                    client_state={"moe_merge": {"step": step}})
+                                    client_state={"moe_merge": {"step": step,
+                                                                "data_offset": self.data_offset}})
+        if self.detector is not None:
+            self._trends[step] = self.detector.trends()
         if self.rank == 0:
             info = {"tokens": step * self.cfg.tokens_per_step,
-                    "lr": self.schedule.lr_at(step - 1), "train_loss": train_loss,
-                    "phase": self.schedule.phase(step - 1), "time": time.time()}
+                    "lr": self.schedule.lr_at(step - 1) if step else 0.0,
+                    "phase": self.schedule.phase(step - 1) if step else "init",
+                    "time": time.time()}
+            if math.isfinite(train_loss):  # none at a train.init_from start (step 0)
+                info["train_loss"] = train_loss
             if val_loss is not None:
                 info["val_loss"] = val_loss
             ckpt.write_sidecar(self.ckpt_dir, step, info)

@@ -13,7 +13,7 @@ import torch
 
 from conftest import DECAY, MOE_RECIPE, PY, TINY_MOE, launch, read_metrics, run_cli, train_losses
 from moe_merge.config import ConfigError, load_recipe
-from moe_merge.stability import SpikeDetector, recovery_plan, resolve_init
+from moe_merge.stability import RetryCount, SpikeDetector, recovery_plan, resolve_init
 
 
 # ---- the detector ---------------------------------------------------------------------------
@@ -30,7 +30,7 @@ def noisy_curve(n: int, seed: int, noise: float = 0.06) -> tuple[np.ndarray, np.
 def feed(det: SpikeDetector, loss, gn, start: int = 1) -> tuple[list, list]:
     events, ends = [], []
     for i, (v, g) in enumerate(zip(loss, gn)):
-        spike, ended = det.update(start + i, float(v), float(g))
+        spike, ended = det.update(start + i, float(v), None if g is None else float(g))
         if spike is not None:
             events.append(spike)
         if ended is not None:
@@ -76,15 +76,40 @@ def test_detector_waits_for_history_and_a_lasting_jump_never_ends():
     assert det.event is not None and det.event_steps == 50
 
 
-def test_recovery_plan_steps_back_one_checkpoint_per_retry():
-    pre = [20, 40, 60, 80, 100]
-    assert recovery_plan(pre, "pma", 3, 0) == [60, 80, 100]
-    assert recovery_plan(pre, "pma", 3, 1) == [40, 60, 80]
-    assert recovery_plan(pre, "rollback", 3, 0) == [100]
-    assert recovery_plan(pre, "rollback", 3, 2) == [60]
-    assert recovery_plan(pre, "pma", 3, 4) == [20]
-    assert recovery_plan(pre, "pma", 3, 5) == []
-    assert recovery_plan([], "rollback", 3, 0) == []
+def test_a_spike_replayed_after_a_reload_is_a_retry():
+    det = SpikeDetector(min_steps=3)
+    feed(det, [5.0] * 10, [1.0] * 10)
+    at_ckpt = det.trends()
+    feed(det, [5.0], [1.0], start=11)
+    spike, _ = det.update(12, 9.0, 1.0)
+    assert spike is not None
+    det.restart(at_ckpt)  # the trainer reloaded step 10; step 12 spikes again when replayed
+    assert det.loss.n == 10  # the replayed step 11 is not counted twice
+    assert feed(det, [5.0], [1.0], start=11) == ([], [])
+    again, _ = det.update(12, 9.0, 1.0)
+    assert again is not None and again.loss_trend == pytest.approx(spike.loss_trend)
+    # without ZeRO DeepSpeed reports no gradient norm: the loss alone is judged
+    det = SpikeDetector(min_steps=3)
+    assert feed(det, [5.0] * 10 + [9.0], [None] * 11)[0][0].kind == "loss"
+
+
+def test_retries_go_one_checkpoint_further_back_and_new_spikes_start_afresh():
+    tags = [10, 20, 30, 40]
+    count, picks = RetryCount(), []
+    for spike in (45, 45, 35, 45, 50):
+        retry = count.next(spike)
+        chosen = recovery_plan(count.candidates(tags, spike), "rollback", 3)
+        picks.append((retry, chosen))
+        if chosen:
+            count.resumed(chosen[-1])
+    assert picks == [(0, [40]), (1, [30]), (2, [20]), (3, [10]), (0, [40])]
+    count = RetryCount()
+    assert count.next(45) == 0 and recovery_plan(count.candidates(tags, 45), "pma", 3) == [20, 30, 40]
+    count.resumed(40)
+    assert count.next(44) == 1 and recovery_plan(count.candidates(tags, 44), "pma", 3) == [10, 20, 30]
+    count.resumed(30)
+    assert count.next(45) == 2 and count.candidates([], 45) == []
+    assert recovery_plan([], "rollback", 3) == []
 
 
 def test_stability_and_init_keys_are_checked(tmp_path):
@@ -121,15 +146,20 @@ def cli(*args) -> object:
 
 
 def params_and_moments(tag_dir: Path, fresh: bool = False) -> dict[str, dict[str, torch.Tensor]]:
-    """Master weights and Adam moments of every parameter; ``fresh``: an optimizer that has not
-    stepped yet holds no moments (torch creates them at the first step): zeros."""
+    """Master weights and Adam moments of every parameter. ``fresh``: an optimizer that has not
+    stepped yet, which holds no moments at all (torch creates them at the first step); checked,
+    and given as zeros."""
     from moe_merge.checkpoint.reader import DSCheckpoint
+    from moe_merge.checkpoint.safe_load import CheckpointError
 
     r = DSCheckpoint(tag_dir, verify=False)
     try:
         out = {}
         for name in r.params:
             w = r.read(name).clone()
+            if fresh:
+                with pytest.raises(CheckpointError, match="exp_avg missing"):
+                    r.read(name, state="exp_avg")
             out[name] = {"fp32": w, **{s: torch.zeros_like(w) if fresh else r.read(name, state=s)
                                        .clone() for s in ("exp_avg", "exp_avg_sq")}}
         return out
@@ -211,7 +241,7 @@ def test_injected_nan_triggers_pma_recovery_and_training_continues(trained, tmp_
                         f"data.cache_dir={data_cache}", "stability.on_spike=pma",
                         "stability.inject_nan_step=5"])
     events = [m for m in read_metrics(run) if "event" in m]
-    assert [e["event"] for e in events] == ["spike", "recovery", "on_trend"]
+    assert [e["event"] for e in events] == ["spike", "recovery"]
     spike, rec = events[0], events[1]
     assert spike["step"] == 5 and spike["kind"] == "nonfinite"
     assert rec["action"] == "pma" and rec["checkpoints"] == ["global_step2", "global_step4"]
@@ -234,7 +264,7 @@ def test_injected_nan_triggers_pma_recovery_and_training_continues(trained, tmp_
         acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
         acc.Reload()
         scalars |= set(acc.Tags()["scalars"])
-    assert {"stability/spike", "stability/recovery", "stability/steps_to_trend"} <= scalars
+    assert {"stability/spike", "stability/recovery", "stability/resume_step"} <= scalars
 
 
 @pytest.mark.distributed
@@ -254,7 +284,119 @@ def test_a_spike_with_no_checkpoint_before_it_stops_the_run(tmp_path, data_cache
     proc = run_cli(["bash", "launch/train.sh", MOE_RECIPE, *MOE_Z2, "name=early",
                     f"output_dir={tmp_path}", f"data.cache_dir={data_cache}",
                     "stability.on_spike=pma", "stability.inject_nan_step=1"])
-    assert proc.returncode != 0
+    assert proc.returncode == 3, proc.stderr[-500:]
     assert "loss spike at step 1: no checkpoint is left before it" in proc.stderr
     events = [m["event"] for m in read_metrics(tmp_path / "early") if "event" in m]
     assert events == ["spike", "gave_up"]
+
+
+# ---- the studies ------------------------------------------------------------------------------
+def _rec(lines: list[dict], exit_code: int = 0, tmp: Path | None = None) -> dict:
+    from moe_merge.evals.stability_study import read_run
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if exit_code:
+        (tmp / "exit.json").write_text(json.dumps({"exit": exit_code}))
+    return read_run(tmp)
+
+
+def test_spike_metrics_count_executed_steps_until_past_the_spike(tmp_path):
+    from moe_merge.evals.stability_study import spike_metrics
+
+    def step(s, loss, gn=1.0):
+        return {"step": s, "train/loss": loss, "train/grad_norm": gn}
+
+    spike = {"step": 6, "event": "spike", "kind": "loss", "loss": 9.0, "grad_norm": 1.0,
+             "loss_trend": 5.0, "grad_norm_trend": 1.0}
+    # pma: the spike step is dropped, steps 5 and 6 replayed, 7 is past it and on trend
+    pma = _rec([*(step(s, 5.0) for s in range(1, 6)), spike,
+                {"step": 6, "event": "recovery", "resume_step": 4, "spike_step": 6,
+                 "checkpoints": ["global_step2", "global_step4"], "retry": 0},
+                step(5, 5.1), step(6, 5.0), step(7, 4.9), {"step": 7, "val/loss": 5.0}],
+               tmp=tmp_path / "pma")
+    m = spike_metrics(pma, 1.3)
+    assert [s for s, _, _ in pma["executed"]] == [1, 2, 3, 4, 5, 6, 5, 6, 7]
+    assert m["steps_to_trend"] == 3 and m["recovered"] and m["recoveries"] == 1
+    assert m["first_spike"] == {"step": 6, "kind": "loss"} and m["final_val"] == 5.0
+    # continue: the loss comes down by itself two steps later
+    cont = _rec([*(step(s, 5.0) for s in range(1, 6)), spike, step(6, 9.0), step(7, 7.0),
+                 step(8, 6.4), {"step": 8, "val/loss": 5.5}], tmp=tmp_path / "cont")
+    assert spike_metrics(cont, 1.3)["steps_to_trend"] == 2
+    # rollback that gave up: not recovered, no final loss
+    rb = _rec([*(step(s, 5.0) for s in range(1, 6)), spike,
+               {"step": 6, "event": "gave_up"}], exit_code=3, tmp=tmp_path / "rb")
+    m = spike_metrics(rb, 1.3)
+    assert m["gave_up"] and not m["recovered"] and m["final_val"] is None
+    # NaN to the end: never back on trend
+    nan = _rec([*(step(s, 5.0) for s in range(1, 6)), spike,
+                *(step(s, math.nan) for s in range(6, 10))], tmp=tmp_path / "nan")
+    assert spike_metrics(nan, 1.3)["recovered"] is False
+
+
+def test_pma_init_summary_ranks_diverged_runs():
+    from moe_merge.evals.stability_study import PMA_INIT_METRICS, summarize_pma_init
+
+    def arm(v):
+        return {m: v for m in PMA_INIT_METRICS}
+
+    seeds = [{"arms": {"0.003/latest": arm(2.0), "0.003/pma": arm(1.0)}},
+             {"arms": {"0.003/latest": arm(math.inf), "0.003/pma": arm(3.0)}},
+             {"arms": {"0.003/latest": arm(4.0), "0.003/pma": arm(math.nan)}}]
+    r = summarize_pma_init(seeds, [3e-3])["0.003"]["grad_norm_max"]
+    assert (r["pma_lower"], r["of"]) == (2, 2)  # the diverged latest arm counts, NaN drops
+    assert r["diff"] == {"mean": -1.0, "std": 0.0, "n": 1}
+    assert r["nonfinite"] == {"latest": 1, "pma": 1}
+    assert r["latest"]["mean"] == pytest.approx(3.0)
+
+
+@pytest.mark.distributed
+def test_quick_studies_write_complete_results(tmp_path, data_cache):
+    from moe_merge.evals.stability_study import ARMS, PMA_INIT_METRICS
+
+    recipe = Path(MOE_RECIPE)
+    out = tmp_path / "pi"
+    proc = run_cli([PY, "-m", "moe_merge", "study", "pma-init", str(recipe), "--quick", "--out",
+                    str(out), f"data.cache_dir={data_cache}"], timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["kind"] == "pma-init" and [s["seed"] for s in res["seeds"]] == [1]
+    s = res["seeds"][0]
+    assert s["window"] == [12, 14, 16] and s["weights"] == pytest.approx([1 / 3] * 3)
+    manifest = json.loads((out / "seed1" / "pma_init" / "merge_manifest.json").read_text())
+    assert [i["step"] for i in manifest["inputs"]] == [12, 14, 16]
+    assert set(s["arms"]) == {"0.003/latest", "0.003/pma", "0.006/latest", "0.006/pma"}
+    for a in s["arms"].values():
+        assert [p[0] for p in a["curve"]] == list(range(1, res["ct_steps"] + 1))
+        assert a["val"][0][0] == 0 and a["val"][-1][0] == res["ct_steps"]
+        for m in PMA_INIT_METRICS:
+            assert a[m] is not None and math.isfinite(a[m]), m
+    # the two arms differ only in their start: the same first-step gradient norm within an arm
+    # across LRs (step 1 is taken at the initial weights), different ones across arms
+    arms = s["arms"]
+    assert arms["0.003/pma"]["curve"][0][2] == pytest.approx(arms["0.006/pma"]["curve"][0][2])
+    assert arms["0.003/pma"]["val_start"] != arms["0.003/latest"]["val_start"]
+    for lr in ("0.003", "0.006"):
+        assert set(res["summary"][lr]) == set(PMA_INIT_METRICS)
+    assert {"report.md", "ct_curves.png", "tb"} <= {p.name for p in out.iterdir()}
+    assert "Peak LR 0.006" in (out / "report.md").read_text()
+
+    out = tmp_path / "spike"
+    proc = run_cli([PY, "-m", "moe_merge", "study", "spike", str(recipe), "--quick", "--out",
+                    str(out), f"data.cache_dir={data_cache}"], timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["kind"] == "spike" and list(res["summary"]) == list(ARMS)
+    arms = res["seeds"][0]["arms"]
+    for arm in ARMS:  # the quick recipe injects a NaN loss at step 11
+        a = arms[arm]
+        assert a["first_spike"] == {"step": 11, "kind": "nonfinite"}, arm
+        assert a["final_step"] == res["total_steps"] and math.isfinite(a["final_val"])
+    for arm in ("rollback", "rollback+skip", "pma"):
+        assert [r["resume_step"] for r in arms[arm]["recovery_log"]] == [10]
+        assert arms[arm]["recovered"] and arms[arm]["steps_to_trend"] == 2
+    assert arms["pma"]["recovery_log"][0]["checkpoints"] == ["global_step6", "global_step8",
+                                                             "global_step10"]
+    assert arms["continue"]["recoveries"] == 0
+    assert {"report.md", "spike_runs.png", "tb"} <= {p.name for p in out.iterdir()}
+    assert "| pma | 1/1 | 1/1 | 0 |" in (out / "report.md").read_text()

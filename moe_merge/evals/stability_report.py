@@ -63,8 +63,11 @@ def _pma_init_markdown(res: dict, plots: list[str]) -> str:
                   "pma lower |", "|---|---|---|---|---|"]
         for m, label in LABELS.items():
             r = row[m]
-            lines.append(f"| {label} | {_ms(r['latest'])} | {_ms(r['pma'])} | {_ms(r['diff'])} "
-                         f"| {r['pma_lower']}/{r['of']} |")
+            nf = r.get("nonfinite", {})
+            note = (f" (non-finite: latest {nf['latest']}, pma {nf['pma']})"
+                    if nf.get("latest") or nf.get("pma") else "")
+            lines.append(f"| {label}{note} | {_ms(r['latest'])} | {_ms(r['pma'])} | "
+                         f"{_ms(r['diff'])} | {r['pma_lower']}/{r['of']} |")
         lines.append("")
     lines += ["## Per seed", "", "| seed | LR | arm | val start | val end | grad norm max "
               "(warmup) | grad norm std (warmup) | spikes (steps) |", "|---|---|---|---|---|---|"
@@ -143,8 +146,10 @@ def _spike_markdown(res: dict, plots: list[str]) -> str:
         f"Runs: `{res['recipe']}` at LR {res['lr']:g}, {res['total_steps']} steps, a "
         f"checkpoint every {res['checkpoint_every_steps']} steps, seeds {st['seeds']}. Each "
         f"seed is trained once per arm of `stability.on_spike`: **continue** (log only), "
-        f"**rollback** (reload the newest checkpoint before the spike) and **pma** (reload the "
-        f"{sb['pma_strategy'].upper()} of the last {sb['pma_n']} checkpoints before it); "
+        f"**rollback** (reload the newest checkpoint before the spike and replay the same "
+        f"batches), **rollback+skip** (the same, then skip the next {st['skip_batches']} steps' "
+        f"batches) and **pma** (reload the {sb['pma_strategy'].upper()} of the last "
+        f"{sb['pma_n']} checkpoints before it, same batches); "
         f"optimizer state after a reload: `{sb['optimizer_state']}`; at most "
         f"{sb['max_retries']} retries per spike, each one checkpoint further back. A spike: "
         f"loss > {sb['loss_factor']:g} x trend, gradient norm > {sb['grad_norm_factor']:g} x "

@@ -47,7 +47,14 @@ SPIKE_QUICK = {
               "stability.inject_nan_step=11"],
     "study": ["study.seeds=[1]"],
 }
-ARMS = ("continue", "rollback", "pma")
+ARMS = ("continue", "rollback", "rollback+skip", "pma")
+
+
+def arm_overrides(arm: str, skip: int) -> list[str]:
+    """The training overrides of a spike-study arm: a value of stability.on_spike, "+skip"
+    adding stability.skip_batches (new data after each reload)."""
+    action, _, plus = arm.partition("+")
+    return [f"stability.on_spike={action}", f"stability.skip_batches={skip if plus else 0}"]
 
 
 # ---- reading a run -----------------------------------------------------------------------------
@@ -259,10 +266,14 @@ def summarize_pma_init(seeds: list[dict], lrs: list[float]) -> dict:
         for m in PMA_INIT_METRICS:
             a = [s["arms"][f"{key}/latest"][m] for s in seeds]
             b = [s["arms"][f"{key}/pma"][m] for s in seeds]
-            pairs = [(x, y) for x, y in zip(a, b) if _finite(x) and _finite(y)]
+            # an infinite value (a diverged step) still ranks: only missing / NaN pairs drop
+            ranked = [(x, y) for x, y in zip(a, b) if x is not None and y is not None
+                      and not (math.isnan(x) or math.isnan(y))]
             row[m] = {"latest": mean_std(a), "pma": mean_std(b),
-                      "diff": mean_std([y - x for x, y in pairs]),
-                      "pma_lower": sum(y < x for x, y in pairs), "of": len(pairs)}
+                      "diff": mean_std([y - x for x, y in ranked if _finite(x) and _finite(y)]),
+                      "pma_lower": sum(y < x for x, y in ranked), "of": len(ranked),
+                      "nonfinite": {"latest": sum(not _finite(x) for x in a),
+                                    "pma": sum(not _finite(y) for y in b)}}
         out[key] = row
     return out
 
@@ -274,7 +285,10 @@ class SpikeStudyConfig:
     """Seeds; every arm trains each seed from scratch (the arms share the steps before the
     first spike)."""
     arms: list[str] = field(default_factory=lambda: list(ARMS))
-    """Values of stability.on_spike compared."""
+    """Arms compared: values of stability.on_spike (continue, rollback, pma), rollback+skip for
+    a rollback that also skips the next skip_batches steps' data after each reload."""
+    skip_batches: int = 10
+    """stability.skip_batches of the +skip arm."""
 
 
 def _check_spike(cfg: RecipeConfig, st: SpikeStudyConfig, path: Path) -> None:
@@ -286,6 +300,7 @@ def _check_spike(cfg: RecipeConfig, st: SpikeStudyConfig, path: Path) -> None:
          "need one or more distinct seeds")
     need(bool(st.arms) and all(a in ARMS for a in st.arms), "study.arms",
          f"each arm must be one of {', '.join(ARMS)}")
+    need(st.skip_batches >= 1, "study.skip_batches", "must be >= 1")
     need(cfg.checkpoint.every_tokens > 0, "checkpoint.every_tokens",
          "recoveries reload checkpoints: set an interval")
 
@@ -344,8 +359,9 @@ class SpikeStudy(StudyBase):
         for seed in self.st.seeds:
             res = {"seed": seed, "arms": {}}
             for arm in self.st.arms:
-                run = self._train(arm, seed, [f"stability.on_spike={arm}", "logging.log_every=1"],
-                                  cfg.total_steps, ok_codes=(0, 3))
+                run = self._train(arm.replace("+", "_"), seed,
+                                  [*arm_overrides(arm, self.st.skip_batches),
+                                   "logging.log_every=1"], cfg.total_steps, ok_codes=(0, 3))
                 rec = read_run(run)
                 res["arms"][arm] = {**spike_metrics(rec, cfg.stability.loss_factor),
                                     "run": str(run), "executed": rec["executed"],
