@@ -60,6 +60,18 @@ def dry_run(cfg, world_size: int) -> None:
               f"(V), {sched.total_steps // every} in all")
     else:
         print("checkpoints       at the end only")
+    if cfg.train.init_from:
+        print(f"start             step 0 from {cfg.train.init_from} (optimizer state: "
+              f"{cfg.train.init_optimizer})")
+    st = cfg.stability
+    if st.on_spike != "off":
+        what = {"continue": "log them", "rollback": "reload the newest pre-spike checkpoint",
+                "pma": f"reload the {st.pma_strategy} of the last {st.pma_n} pre-spike "
+                       "checkpoints"}[st.on_spike]
+        print(f"loss spikes       loss > {st.loss_factor:g} x trend"
+              f"{f' or grad norm > {st.grad_norm_factor:g} x trend' if st.grad_norm_factor else ''}"
+              f" or non-finite: {what}"
+              f"{f', up to {st.max_retries} retries' if st.on_spike != 'continue' else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -400,3 +400,20 @@ def test_quick_studies_write_complete_results(tmp_path, data_cache):
     assert arms["continue"]["recoveries"] == 0
     assert {"report.md", "spike_runs.png", "tb"} <= {p.name for p in out.iterdir()}
     assert "| pma | 1/1 | 1/1 | 0 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("study, override, key", [
+    ("pma_init", "study.optimizer=merged", "study.optimizer"),
+    ("pma_init", "study.n=40", "study.n"),
+    ("pma_init", "study.ct_warmup_tokens=1e9", "study.ct_warmup_tokens"),
+    ("spike", "study.arms=[pma,maybe]", "study.arms"),
+    ("spike", "checkpoint.every_tokens=0", "checkpoint.every_tokens"),
+])
+def test_bad_stability_study_settings_name_the_key(study, override, key):
+    from moe_merge.evals.anneal_study import load_study
+    from moe_merge.evals.stability_study import PMAInitStudy, SpikeStudy
+
+    cls = PMAInitStudy if study == "pma_init" else SpikeStudy
+    recipe = Path(MOE_RECIPE).parent / f"study_{study}_tiny.yaml"
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        load_study(recipe, [override], **cls.LOAD)

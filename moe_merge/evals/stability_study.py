@@ -188,10 +188,11 @@ PMA_INIT_METRICS = ("val_start", "val_final", "val_mean", "warmup_grad_norm_max"
 
 class PMAInitStudy(StudyBase):
     kind = "pma-init"
+    LOAD = {"schema": PMAInitStudyConfig, "quick_overrides": PMA_INIT_QUICK,
+            "check": _check_pma_init}  # load_study(path, **LOAD)
 
     def __init__(self, recipe, overrides, out, quick=False, echo=print):
-        super().__init__(recipe, overrides, out, quick, echo, schema=PMAInitStudyConfig,
-                         quick_overrides=PMA_INIT_QUICK, check=_check_pma_init)
+        super().__init__(recipe, overrides, out, quick, echo, **self.LOAD)
         self.ct_steps = round(self.st.ct_tokens / self.tps)
         self.ct_warmup = round(self.st.ct_warmup_tokens / self.tps)
 
@@ -345,10 +346,10 @@ def spike_metrics(rec: dict, loss_factor: float) -> dict:
 
 class SpikeStudy(StudyBase):
     kind = "spike"
+    LOAD = {"schema": SpikeStudyConfig, "quick_overrides": SPIKE_QUICK, "check": _check_spike}
 
     def __init__(self, recipe, overrides, out, quick=False, echo=print):
-        super().__init__(recipe, overrides, out, quick, echo, schema=SpikeStudyConfig,
-                         quick_overrides=SPIKE_QUICK, check=_check_spike)
+        super().__init__(recipe, overrides, out, quick, echo, **self.LOAD)
 
     def run(self) -> dict:
         t0 = time.perf_counter()
