@@ -263,8 +263,16 @@ class StudyBase:
         self.out.mkdir(parents=True, exist_ok=True)
         self.recipe = self.out / "train_recipe.yaml"
         if self.recipe.exists() and self.recipe.read_text() != train_yaml:
-            raise ConfigError(f"{self.recipe}: the study directory holds a study of another "
-                              "recipe; choose another --out or delete it")
+            # the same recipe, written before keys with default values were added, still is
+            try:
+                from moe_merge.config import to_yaml
+
+                same = to_yaml(load_recipe(self.recipe)) == train_yaml
+            except ConfigError:
+                same = False
+            if not same:
+                raise ConfigError(f"{self.recipe}: the study directory holds a study of another "
+                                  "recipe; choose another --out or delete it")
         self.recipe.write_text(train_yaml)
         (self.out / "study.json").write_text(json.dumps(
             {"recipe": str(recipe), "overrides": overrides, "quick": quick,

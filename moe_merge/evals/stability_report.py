@@ -37,7 +37,9 @@ def _plt():
 
 # ---- pma-init ---------------------------------------------------------------------------------
 LABELS = {"val_start": "val loss at step 0", "val_final": "val loss at the end",
-          "val_mean": "val loss, mean over the run", "warmup_grad_norm_max":
+          "val_mean": "val loss, mean over the run", "val_max": "val loss, highest (the "
+          "re-warmup's bump)", "early_grad_norm_mean": "grad norm mean (first half of warmup)",
+          "warmup_grad_norm_max":
           "grad norm max (warmup)", "warmup_grad_norm_std": "grad norm std (warmup)",
           "warmup_loss_mean": "train loss mean (warmup)", "grad_norm_max": "grad norm max (run)",
           "grad_norm_std": "grad norm std (run)", "spikes": "loss spikes detected"}
@@ -93,6 +95,7 @@ def _pma_init_plots(out: Path, res: dict) -> list[str]:
     lrs = list(res["summary"])
     fig, axes = plt.subplots(2, len(lrs), figsize=(5.5 * len(lrs), 7), squeeze=False)
     for j, lr in enumerate(lrs):
+        spiked = False
         for s in res["seeds"]:
             for arm in ("latest", "pma"):
                 a = s["arms"][f"{lr}/{arm}"]
@@ -106,7 +109,8 @@ def _pma_init_plots(out: Path, res: dict) -> list[str]:
                 pts = [(p[0], p[2]) for p in c if p[0] in sp]
                 if pts:
                     axes[1][j].scatter(*zip(*pts), marker="x", color="red", zorder=3,
-                                       label="spike" if label else None)
+                                       label="spike" if not spiked else None)
+                    spiked = True
         axes[1][j].axvline(res["ct_warmup_steps"], color="gray", ls=":", lw=0.8)
         axes[0][j].set_title(f"CT at peak LR {lr}")
         axes[0][j].set_ylabel("validation loss")

@@ -163,6 +163,7 @@ def ct_metrics(rec: dict, warmup_steps: int) -> dict:
     """The comparison numbers of one CT run."""
     steps = rec["steps"]
     warm = [gn for s, _, gn in steps if 1 <= s <= max(warmup_steps, 1)]
+    early = [gn for s, _, gn in steps if 1 <= s <= max(warmup_steps // 2, 1)]
     gns = [gn for _, _, gn in steps]
     val = rec["val"]
     spikes = [e for e in rec["events"] if e["event"] == "spike"]
@@ -170,6 +171,8 @@ def ct_metrics(rec: dict, warmup_steps: int) -> dict:
         "val_start": val[0][1] if val and val[0][0] == 0 else None,
         "val_final": val[-1][1] if val else None,
         "val_mean": sum(v for _, v in val) / len(val) if val else None,
+        "val_max": max(v for _, v in val) if val else None,
+        "early_grad_norm_mean": sum(early) / len(early) if early else None,
         "warmup_grad_norm_max": max(warm) if warm else None,
         "warmup_grad_norm_std": _std(warm),
         "warmup_loss_mean": (sum(loss for s, loss, _ in steps if s <= warmup_steps)
@@ -181,7 +184,8 @@ def ct_metrics(rec: dict, warmup_steps: int) -> dict:
     }
 
 
-PMA_INIT_METRICS = ("val_start", "val_final", "val_mean", "warmup_grad_norm_max",
+PMA_INIT_METRICS = ("val_start", "val_final", "val_mean", "val_max", "early_grad_norm_mean",
+                    "warmup_grad_norm_max",
                     "warmup_grad_norm_std", "warmup_loss_mean", "grad_norm_max", "grad_norm_std",
                     "spikes")
 
