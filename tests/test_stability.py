@@ -317,12 +317,14 @@ def test_spike_metrics_count_executed_steps_until_past_the_spike(tmp_path):
                tmp=tmp_path / "pma")
     m = spike_metrics(pma, 1.3)
     assert [s for s, _, _ in pma["executed"]] == [1, 2, 3, 4, 5, 6, 5, 6, 7]
+    assert pma["spike_at"] == [5] and pma["executed"][5][1] == 9.0
     assert m["steps_to_trend"] == 3 and m["recovered"] and m["recoveries"] == 1
     assert m["first_spike"] == {"step": 6, "kind": "loss"} and m["final_val"] == 5.0
     # continue: the loss comes down by itself two steps later
     cont = _rec([*(step(s, 5.0) for s in range(1, 6)), spike, step(6, 9.0), step(7, 7.0),
                  step(8, 6.4), {"step": 8, "val/loss": 5.5}], tmp=tmp_path / "cont")
     assert spike_metrics(cont, 1.3)["steps_to_trend"] == 2
+    assert cont["spike_at"] == [5] and len(cont["executed"]) == 8
     # rollback that gave up: not recovered, no final loss
     rb = _rec([*(step(s, 5.0) for s in range(1, 6)), spike,
                {"step": 6, "event": "gave_up"}], exit_code=3, tmp=tmp_path / "rb")

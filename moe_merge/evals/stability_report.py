@@ -160,7 +160,8 @@ def _spike_markdown(res: dict, plots: list[str]) -> str:
         "trend, or non-finite. *Recovered*: the run finished, with finite losses, and got past "
         "the first spike's step back on trend (loss within the factor of the pre-spike trend); "
         "*steps to trend* counts the executed steps from the first spike to then, replays "
-        "included. Mean ± std over seeds.", "",
+        "included. Mean ± std over the seeds whose run spiked (a run without a spike is the "
+        "same in every arm).", "",
         "| arm | runs with a spike | recovered | gave up | steps to trend | spikes | "
         "recoveries | executed steps | final val loss |", "|---|---|---|---|---|---|---|---|---|"]
     for arm, r in res["summary"].items():
@@ -168,6 +169,9 @@ def _spike_markdown(res: dict, plots: list[str]) -> str:
                      f"{r['gave_up']} | {_ms(r['steps_to_trend'], 1)} | {_ms(r['spikes'], 1)} | "
                      f"{_ms(r['recoveries'], 1)} | {_ms(r['executed_steps'], 0)} | "
                      f"{_ms(r['final_val'])} |")
+    ref = next(iter(res["summary"].values()))["final_val_no_spike"]
+    if ref["n"]:
+        lines += ["", f"Runs without a spike ({ref['n']}): final val loss {_ms(ref)}."]
     lines += ["", "## Per seed", "", "| seed | arm | first spike | spikes | recoveries (resume "
               "steps) | recovered | steps to trend | final val |", "|---|---|---|---|---|---|"
               "---|---|"]
@@ -203,8 +207,7 @@ def _spike_plots(out: Path, res: dict) -> list[str]:
             x = list(range(1, len(ex) + 1))
             line = axes[0][j].plot(x, [e[1] for e in ex], lw=0.7, label=f"seed {s['seed']}")[0]
             axes[1][j].plot(x, [e[2] for e in ex], lw=0.7, color=line.get_color())
-            first = {sp["step"] for sp in a["spike_log"]}
-            pts = [(i + 1, e[1]) for i, e in enumerate(ex) if e[0] in first]
+            pts = [(i + 1, ex[i][1]) for i in a.get("spike_at", [])]
             if pts:
                 axes[0][j].scatter(*zip(*pts), marker="x", color="red", zorder=3, s=18)
         axes[0][j].set_title(f"on_spike = {arm}")

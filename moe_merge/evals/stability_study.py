@@ -66,13 +66,19 @@ def read_run(run: Path) -> dict:
     records = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()] \
         if f.exists() else []
     # executed steps in order: logged steps, and spike steps a reload dropped unlogged
-    executed = []
+    executed, spike_at, pending = [], [], None
     for i, r in enumerate(records):
         if "train/loss" in r:
+            if pending == r["step"]:  # a spike step that training kept (continue)
+                spike_at.append(len(executed))
+                pending = None
             executed.append((r["step"], r["train/loss"], r.get("train/grad_norm", float("nan"))))
-        elif r.get("event") == "spike" and i + 1 < len(records) and \
-                records[i + 1].get("event") in ("recovery", "gave_up"):
-            executed.append((r["step"], r["loss"], r["grad_norm"]))
+        elif r.get("event") == "spike":
+            if i + 1 < len(records) and records[i + 1].get("event") in ("recovery", "gave_up"):
+                spike_at.append(len(executed))
+                executed.append((r["step"], r["loss"], r["grad_norm"]))
+            else:
+                pending = r["step"]
     kept: dict[int, tuple[float, float]] = {}
     for r in records:  # the kept trajectory: the last logged value of each step
         if "train/loss" in r:
@@ -83,7 +89,7 @@ def read_run(run: Path) -> dict:
             val[r["step"]] = r["val/loss"]
     events = [r for r in records if "event" in r]
     exit_file = run / "exit.json"
-    return {"executed": executed,
+    return {"executed": executed, "spike_at": spike_at,
             "steps": sorted((s, v[0], v[1]) for s, v in kept.items()),
             "val": sorted(val.items()), "events": events,
             "exit": json.loads(exit_file.read_text())["exit"] if exit_file.exists() else 0}
@@ -370,7 +376,7 @@ class SpikeStudy(StudyBase):
                 rec = read_run(run)
                 res["arms"][arm] = {**spike_metrics(rec, cfg.stability.loss_factor),
                                     "run": str(run), "executed": rec["executed"],
-                                    "val": rec["val"]}
+                                    "spike_at": rec["spike_at"], "val": rec["val"]}
             seeds.append(res)
         results = {"kind": self.kind, "study": asdict(self.st), "recipe": str(self.recipe),
                    "tokens_per_step": self.tps, "lr": cfg.train.lr,
@@ -387,6 +393,10 @@ class SpikeStudy(StudyBase):
 
 
 def summarize_spike(seeds: list[dict], arms: list[str]) -> dict:
+    """Per arm, over the runs that spiked (a run without a spike is the same in every arm):
+    recovery count, steps to trend of the recovered ones, spikes, recoveries, executed steps
+    and final validation loss (of the runs that finished). ``final_val_no_spike``: the runs
+    without a spike, for reference."""
     out = {}
     for arm in arms:
         rows = [s["arms"][arm] for s in seeds]
@@ -397,9 +407,10 @@ def summarize_spike(seeds: list[dict], arms: list[str]) -> dict:
             "gave_up": sum(r["gave_up"] for r in rows),
             "steps_to_trend": mean_std([r["steps_to_trend"] for r in spiked
                                         if r["recovered"]]),
-            "spikes": mean_std([r["spikes"] for r in rows]),
-            "recoveries": mean_std([r["recoveries"] for r in rows]),
-            "final_val": mean_std([r["final_val"] for r in rows]),
-            "executed_steps": mean_std([r["executed_steps"] for r in rows]),
+            "spikes": mean_std([r["spikes"] for r in spiked]),
+            "recoveries": mean_std([r["recoveries"] for r in spiked]),
+            "final_val": mean_std([r["final_val"] for r in spiked]),
+            "executed_steps": mean_std([r["executed_steps"] for r in spiked]),
+            "final_val_no_spike": mean_std([r["final_val"] for r in rows if not r["spikes"]]),
         }
     return out
