@@ -269,7 +269,7 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
     if distributed and fmt == "deepspeed":
         raise MergeError("--distributed writes hf or safetensors output; --format deepspeed is "
                          "written by one process")
-    rank, world, dist = _init_distributed() if distributed else (0, 1, None)
+    rank, world, dist, own_group = _init_distributed() if distributed else (0, 1, None, False)
     if rank:
         echo = lambda s: None  # noqa: E731 - rank 0 speaks for all
     if source not in ("master", "module"):
@@ -391,15 +391,18 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
             r.close()
         if bar is not None:
             bar.close()
+        if own_group:  # gloo's threads left running at interpreter exit can abort the process
+            dist.destroy_process_group()
     echo(f"wrote {out} in {time.time() - t0:.1f} s ({len(sha)} file(s)"
          f"{f', {world} ranks' if world > 1 else ''})")
     return manifest
 
 
 def _init_distributed():
-    """(rank, world size, torch.distributed) of a merge started by a launcher (deepspeed,
-    torchrun: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment). The ranks
-    exchange only small objects, over gloo on any machine."""
+    """(rank, world size, torch.distributed, whether this call created the process group) of a
+    merge started by a launcher (deepspeed, torchrun: RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT in the environment). The ranks exchange only small objects, over gloo on any
+    machine."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise MergeError("--distributed: no RANK / WORLD_SIZE in the environment; start the "
                          "merge with a launcher (deepspeed --module moe_merge.cli merge ...)")
@@ -407,9 +410,10 @@ def _init_distributed():
 
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
-    return dist.get_rank(), dist.get_world_size(), dist
+    return dist.get_rank(), dist.get_world_size(), dist, created
 
 
 def assign_shards(shards: list[list[str]], nbytes: dict[str, int], world: int) -> list[int]:
