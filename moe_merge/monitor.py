@@ -50,9 +50,9 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         lines = self.path.read_text().splitlines()
+        records = [(ln, json.loads(ln)) for ln in lines if ln.strip()]
         # stability events (spikes, recoveries) stay: they happened, whatever is replayed
-        keep = [ln for ln in lines if ln.strip() and (json.loads(ln).get("step", 0) <= step
-                                                      or "event" in json.loads(ln))]
+        keep = [ln for ln, r in records if r.get("step", 0) <= step or "event" in r]
         if len(keep) != len(lines):
             self.path.write_text("".join(ln + "\n" for ln in keep))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from moe_merge.config import ConfigError
@@ -269,7 +269,3 @@ def reset_optimizer_state(optimizer) -> int:
                 count += 1
         opt = getattr(opt, "optimizer", None)
     return count
-
-
-def as_dict(spike: Spike) -> dict:
-    return asdict(spike)

@@ -136,7 +136,7 @@ class Trainer:
         self.data_offset = 0  # steps of batches skipped by recoveries (stability.skip_batches)
         self._trends: dict[int, tuple] = {}  # the detector's trends at each checkpoint
         self._injected = False
-        self.spikes: list[dict] = []
+        self.spike_count = 0
         self._restore()
 
     # ---- run directory -------------------------------------------------------------------
@@ -366,7 +366,7 @@ class Trainer:
                    "tokens": self.step * tps, "final_train_loss": last_loss,
                    "final_val_loss": val_loss,
                    "checkpoints": [str(p) for _, p in ckpt.list_tags(self.ckpt_dir)],
-                   "spikes": len(self.spikes), "recoveries": self.attempt}
+                   "spikes": self.spike_count, "recoveries": self.attempt}
         return summary
 
     # ---- loss spikes -----------------------------------------------------------------------
@@ -387,7 +387,7 @@ class Trainer:
             return False
         record = {"kind": spike.kind, "loss": loss, "grad_norm": norm,
                   "loss_trend": spike.loss_trend, "grad_norm_trend": spike.grad_norm_trend}
-        self.spikes.append({"step": step, **record})
+        self.spike_count += 1
         self.metrics.log(step, spike.scalars(), event="spike", extra=record)
         self.metrics.text("stability/events", f"step {step}: spike, {spike.describe()}", step)
         self._log0(f"loss spike at step {step}: {spike.describe()}")

@@ -125,21 +125,26 @@ def _pma_init_plots(out: Path, res: dict) -> list[str]:
     return ["ct_curves.png"]
 
 
-def _pma_init_tb(out: Path, res: dict) -> None:
+def _tensorboard(out: Path, curves) -> None:
+    """Each run's curves under its tag: ``curves`` yields (tag, [(x, train loss, grad norm)],
+    [(step, val loss)])."""
     from torch.utils.tensorboard import SummaryWriter
 
     w = SummaryWriter(str(out / "tb"))
     try:
-        for s in res["seeds"]:
-            for key, a in s["arms"].items():
-                tag = f"lr{a['lr']:g}/seed{s['seed']}/{a['init']}"
-                for step, loss, gn in a["curve"]:
-                    w.add_scalar(f"{tag}/train_loss", loss, step)
-                    w.add_scalar(f"{tag}/grad_norm", gn, step)
-                for step, v in a["val"]:
-                    w.add_scalar(f"{tag}/val_loss", v, step)
+        for tag, train, val in curves:
+            for x, loss, gn in train:
+                w.add_scalar(f"{tag}/train_loss", loss, x)
+                w.add_scalar(f"{tag}/grad_norm", gn, x)
+            for step, v in val:
+                w.add_scalar(f"{tag}/val_loss", v, step)
     finally:
         w.close()
+
+
+def _pma_init_tb(out: Path, res: dict) -> None:
+    _tensorboard(out, ((f"lr{a['lr']:g}/seed{s['seed']}/{a['init']}", a["curve"], a["val"])
+                       for s in res["seeds"] for a in s["arms"].values()))
 
 
 # ---- spike ------------------------------------------------------------------------------------
@@ -224,16 +229,7 @@ def _spike_plots(out: Path, res: dict) -> list[str]:
 
 
 def _spike_tb(out: Path, res: dict) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    w = SummaryWriter(str(out / "tb"))
-    try:
-        for s in res["seeds"]:
-            for arm, a in s["arms"].items():
-                for i, (_, loss, gn) in enumerate(a["executed"], start=1):
-                    w.add_scalar(f"{arm}/seed{s['seed']}/train_loss", loss, i)
-                    w.add_scalar(f"{arm}/seed{s['seed']}/grad_norm", gn, i)
-                for step, v in a["val"]:
-                    w.add_scalar(f"{arm}/seed{s['seed']}/val_loss", v, step)
-    finally:
-        w.close()
+    """x of the training curves: the executed step (replays after reloads included)."""
+    _tensorboard(out, ((f"{arm}/seed{s['seed']}",
+                        [(i, loss, gn) for i, (_, loss, gn) in enumerate(a["executed"], start=1)],
+                        a["val"]) for s in res["seeds"] for arm, a in s["arms"].items()))

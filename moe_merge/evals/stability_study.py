@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moe_merge.config import ConfigError, RecipeConfig
-from moe_merge.evals.anneal_study import StudyBase, mean_std
+from moe_merge.evals.anneal_study import StudyBase, _metrics, mean_std
 from moe_merge.pma_monitor import window
 
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
@@ -62,9 +62,7 @@ def read_run(run: Path) -> dict:
     """The run's metrics.jsonl as curves: ``executed`` (step, loss, grad norm) in the order the
     steps ran (replays after a recovery included), ``steps`` the kept trajectory (the last value
     of each step), the validation curve, and the stability events."""
-    f = run / "metrics.jsonl"
-    records = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()] \
-        if f.exists() else []
+    records = _metrics(run)
     # executed steps in order: logged steps, and spike steps a reload dropped unlogged
     executed, spike_at, pending = [], [], None
     for i, r in enumerate(records):
@@ -97,14 +95,6 @@ def read_run(run: Path) -> dict:
 
 def _finite(x) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
-
-
-def _std(v: list[float]) -> float | None:
-    v = [x for x in v if _finite(x)]
-    if len(v) < 2:
-        return None
-    m = sum(v) / len(v)
-    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
 
 
 # ---- pma-init ---------------------------------------------------------------------------------
@@ -180,11 +170,11 @@ def ct_metrics(rec: dict, warmup_steps: int) -> dict:
         "val_max": max(v for _, v in val) if val else None,
         "early_grad_norm_mean": sum(early) / len(early) if early else None,
         "warmup_grad_norm_max": max(warm) if warm else None,
-        "warmup_grad_norm_std": _std(warm),
+        "warmup_grad_norm_std": mean_std(warm)["std"],
         "warmup_loss_mean": (sum(loss for s, loss, _ in steps if s <= warmup_steps)
                              / max(1, sum(1 for s, _, _ in steps if s <= warmup_steps))),
         "grad_norm_max": max(gns) if gns else None,
-        "grad_norm_std": _std(gns),
+        "grad_norm_std": mean_std(gns)["std"],
         "spikes": len(spikes),
         "spike_steps": [e["step"] for e in spikes],
     }
@@ -196,7 +186,23 @@ PMA_INIT_METRICS = ("val_start", "val_final", "val_mean", "val_max", "early_grad
                     "spikes")
 
 
-class PMAInitStudy(StudyBase):
+class _StabilityStudy(StudyBase):
+    kind = ""
+
+    def _report(self, t0: float, seeds: list[dict], summary: dict, **extra) -> dict:
+        """results.json, report.md, plots and TensorBoard of the finished study."""
+        from moe_merge.evals.stability_report import write_report
+
+        results = {"kind": self.kind, "study": asdict(self.st), "recipe": str(self.recipe),
+                   "tokens_per_step": self.tps, **extra, "seeds": seeds, "summary": summary,
+                   "runs_trained": self.trained, "runs_reused": self.reused,
+                   "train_seconds": self.train_seconds,
+                   "wall_seconds": time.perf_counter() - t0}
+        write_report(self.out, results)
+        return results
+
+
+class PMAInitStudy(_StabilityStudy):
     kind = "pma-init"
     LOAD = {"schema": PMAInitStudyConfig, "quick_overrides": PMA_INIT_QUICK,
             "check": _check_pma_init}  # load_study(path, **LOAD)
@@ -254,17 +260,8 @@ class PMAInitStudy(StudyBase):
                   f"{self.st.ct_lrs}, {self.ct_steps} steps each ({self.ct_warmup} warmup), "
                   f"PMA of the last {self.st.n} checkpoints ({self.st.strategy})")
         seeds = [self.run_seed(s) for s in self.st.seeds]
-        results = {"kind": self.kind, "study": asdict(self.st), "recipe": str(self.recipe),
-                   "tokens_per_step": self.tps, "ct_steps": self.ct_steps,
-                   "ct_warmup_steps": self.ct_warmup, "seeds": seeds,
-                   "summary": summarize_pma_init(seeds, self.st.ct_lrs),
-                   "runs_trained": self.trained, "runs_reused": self.reused,
-                   "train_seconds": self.train_seconds}
-        results["wall_seconds"] = time.perf_counter() - t0
-        from moe_merge.evals.stability_report import write_report
-
-        write_report(self.out, results)
-        return results
+        return self._report(t0, seeds, summarize_pma_init(seeds, self.st.ct_lrs),
+                            ct_steps=self.ct_steps, ct_warmup_steps=self.ct_warmup)
 
 
 def summarize_pma_init(seeds: list[dict], lrs: list[float]) -> dict:
@@ -354,7 +351,7 @@ def spike_metrics(rec: dict, loss_factor: float) -> dict:
     return out
 
 
-class SpikeStudy(StudyBase):
+class SpikeStudy(_StabilityStudy):
     kind = "spike"
     LOAD = {"schema": SpikeStudyConfig, "quick_overrides": SPIKE_QUICK, "check": _check_spike}
 
@@ -378,18 +375,9 @@ class SpikeStudy(StudyBase):
                                     "run": str(run), "executed": rec["executed"],
                                     "spike_at": rec["spike_at"], "val": rec["val"]}
             seeds.append(res)
-        results = {"kind": self.kind, "study": asdict(self.st), "recipe": str(self.recipe),
-                   "tokens_per_step": self.tps, "lr": cfg.train.lr,
-                   "stability": asdict(cfg.stability), "checkpoint_every_steps": self.every,
-                   "total_steps": cfg.total_steps, "seeds": seeds,
-                   "summary": summarize_spike(seeds, self.st.arms),
-                   "runs_trained": self.trained, "runs_reused": self.reused,
-                   "train_seconds": self.train_seconds}
-        results["wall_seconds"] = time.perf_counter() - t0
-        from moe_merge.evals.stability_report import write_report
-
-        write_report(self.out, results)
-        return results
+        return self._report(t0, seeds, summarize_spike(seeds, self.st.arms), lr=cfg.train.lr,
+                            stability=asdict(cfg.stability), checkpoint_every_steps=self.every,
+                            total_steps=cfg.total_steps)
 
 
 def summarize_spike(seeds: list[dict], arms: list[str]) -> dict:
