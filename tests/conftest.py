@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -51,15 +52,22 @@ def data_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, data_cache):
-    """``trained(kind)`` -> run directory of RUNS[kind], trained once per test session."""
-    root = tmp_path_factory.mktemp("runs")
+    """``trained(kind)`` -> run directory of RUNS[kind], trained once per test session.
+
+    With ``MOE_MERGE_TEST_RUNS=DIR`` the runs are kept in DIR and reused by later sessions
+    (for day-to-day work; a run is reused only if it finished: ``checkpoints/latest`` exists).
+    Tests must not modify them: they copy what they change."""
+    keep = os.environ.get("MOE_MERGE_TEST_RUNS")
+    root = Path(keep) if keep else tmp_path_factory.mktemp("runs")
     done: dict[str, Path] = {}
 
     def get(kind: str) -> Path:
         if kind not in done:
             recipe, overrides = RUNS[kind]
-            launch(recipe, [*overrides, f"name={kind}", f"output_dir={root}",
-                            f"data.cache_dir={data_cache}"])
+            if not (keep and (root / kind / "checkpoints" / "latest").is_file()):
+                shutil.rmtree(root / kind, ignore_errors=True)  # an unfinished kept run
+                launch(recipe, [*overrides, f"name={kind}", f"output_dir={root}",
+                                f"data.cache_dir={data_cache}"])
             done[kind] = root / kind
         return done[kind]
 

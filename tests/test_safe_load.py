@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
+import struct
+import zipfile
 import zlib
 from collections import OrderedDict
 
+import crafted
 import pytest
 import torch
 
@@ -93,3 +98,230 @@ def test_only_allowlisted_globals_are_resolved(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
     with pytest.raises(CheckpointError, match="junk.pt: truncated or corrupted"):
         load(tmp_path / "junk.pt")
+
+
+# ---- hostile pickles ---------------------------------------------------------------------
+# Each crafted input is refused with one line; nothing it asks for is done.
+
+def _tensor_file(tmp_path, name="t.pt", **tensors):
+    path = tmp_path / name
+    torch.save(tensors or {"x": torch.arange(16, dtype=torch.float32)}, path)
+    return path
+
+
+def _tensor_op(offset, shape, stride) -> bytes:
+    """Opcodes that rebuild a tensor over storage "0" (16 floats) and leave it on the stack."""
+    def ints(vals):
+        return pickle.MARK + b"".join(crafted.int_(v) for v in vals) + pickle.TUPLE
+
+    return (crafted.global_("torch._utils", "_rebuild_tensor_v2") + pickle.MARK
+            + crafted.storage_pid("0", 16) + crafted.int_(offset) + ints(shape) + ints(stride)
+            + pickle.NEWFALSE + pickle.EMPTY_DICT + pickle.TUPLE + pickle.REDUCE)
+
+
+def _refused(path, match, **kw):
+    with pytest.raises(CheckpointError, match=match) as e:
+        load(path, **kw)
+    assert "\n" not in str(e.value) and str(path.name) in str(e.value)
+    return str(e.value)
+
+
+def test_build_cannot_retarget_a_record_after_its_check(tmp_path):
+    """The record a storage key names is the archive's; a BUILD on it (pointing it at another
+    file, growing it) is refused, as is a BUILD on a lazy tensor, a class or a function."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"TOKEN=hunter2" * 100)
+    path = _tensor_file(tmp_path)
+    _, pkl = crafted.archive_pickle(path)
+    retarget = (crafted.storage_pid("0", 16) + crafted.str_dict(
+        {"path": str(secret), "offset": 0, "nbytes": 0, "crc": 0}) + pickle.BUILD + pickle.POP)
+    attacks = {
+        "record": retarget,
+        # a lazy tensor: grow its shape after the bounds check
+        "tensor": (_tensor_op(0, (4,), (1,)) + pickle.NONE + crafted.str_dict(
+            {"shape": 1 << 20}) + pickle.TUPLE2 + pickle.BUILD + pickle.POP),
+        "class": (crafted.global_("collections", "OrderedDict") + crafted.str_dict({"x": 1})
+                  + pickle.BUILD + pickle.POP),
+        "function": (crafted.global_("torch._utils", "_rebuild_tensor_v2") + pickle.NONE
+                     + crafted.str_dict({"__defaults__": 1}) + pickle.TUPLE2 + pickle.BUILD
+                     + pickle.POP),
+        "storage type": (crafted.global_("torch", "FloatStorage") + crafted.str_dict({"a": 1})
+                         + pickle.BUILD + pickle.POP),
+    }
+    for what, extra in attacks.items():
+        bad = crafted.rewrite(path, crafted.before_stop(pkl, extra), tmp_path / f"{what}.pt")
+        _refused(bad, "refused.*BUILD on")
+    assert load(path)["x"].torch().tolist() == list(range(16))  # the allowlist is unchanged
+
+
+def test_build_retargeting_a_real_master_partition_is_refused_by_merge(tmp_path, trained, capsys):
+    """The attack as an attacker would ship it: a copy of a real ZeRO-2 tag whose optimizer
+    file re-points the fp32 partition record at a private file. Before: exit 0 with the file's
+    bytes in model.safetensors. Now: exit 2, one line, nothing written."""
+    from moe_merge.cli import main
+
+    run = trained("moe_z2")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"AWS_SECRET=do-not-leak" * 1000)
+    tags = []
+    for step in (6, 8):
+        tag = tmp_path / "ckpt" / f"global_step{step}"
+        shutil.copytree(run / "checkpoints" / f"global_step{step}", tag)
+        tags.append(tag)
+    optim = tags[1] / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    flat = load(optim)["optimizer_state_dict"]["single_partition_of_fp32_groups"][0]
+    key = flat.record.name.rsplit("/", 1)[1]
+    _, pkl = crafted.archive_pickle(optim)
+    crafted.rewrite(optim, crafted.before_stop(pkl, crafted.storage_pid(key, flat.numel())
+                                               + crafted.str_dict({"path": str(secret),
+                                                                   "offset": 0, "nbytes": 0,
+                                                                   "crc": 0})
+                                               + pickle.BUILD + pickle.POP))
+    before = {p: p.read_bytes() for t in tags for p in t.iterdir()}
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = main(["merge", *map(str, tags), "--out", str(out), "--format", "safetensors", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and optim.name in err[0] and "BUILD" in err[0], err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    assert before == {p: p.read_bytes() for t in tags for p in t.iterdir()}
+
+
+def test_code_and_objects_a_checkpoint_does_not_need_are_refused(tmp_path):
+    marker = tmp_path / "ran"
+    path = _tensor_file(tmp_path)
+    _, pkl = crafted.archive_pickle(path)
+    cmd = crafted.unicode(f"touch {marker}") + pickle.TUPLE1
+    calls = {
+        "os.system": crafted.global_("os", "system") + cmd + pickle.REDUCE + pickle.POP,
+        "posix.system": crafted.global_("posix", "system") + cmd + pickle.REDUCE + pickle.POP,
+        "builtins.eval": crafted.global_("builtins", "eval") + cmd + pickle.REDUCE + pickle.POP,
+        "builtins.getattr": (crafted.global_("builtins", "getattr") + pickle.POP),
+        "copyreg._reconstructor": crafted.global_("copyreg", "_reconstructor") + pickle.POP,
+    }
+    for name, extra in calls.items():
+        bad = crafted.rewrite(path, crafted.before_stop(pkl, extra), tmp_path / "bad.pt")
+        _refused(bad, f"refused, the file asks to run code.*{name}")
+    for opcode in (pickle.INST + b"os\nsystem\n", pickle.OBJ, pickle.EXT1 + b"\x01",
+                   pickle.PERSID + b"0\n"):
+        bad = crafted.rewrite(path, crafted.before_stop(pkl, pickle.MARK + opcode),
+                              tmp_path / "bad.pt")
+        _refused(bad, "refused")
+    # an allowed callable with arguments it is not written for: bytearray(1.5e9), set(3)
+    for func, arg in ((("builtins", "bytearray"), crafted.int_(1_500_000_000)),
+                      (("builtins", "set"), crafted.int_(3)),
+                      (("collections", "OrderedDict"), crafted.int_(3))):
+        extra = crafted.global_(*func) + arg + pickle.TUPLE1 + pickle.REDUCE + pickle.POP
+        bad = crafted.rewrite(path, crafted.before_stop(pkl, extra), tmp_path / "bad.pt")
+        _refused(bad, "refused, not a checkpoint structure")
+    assert not marker.exists()
+
+
+def test_pickle_costs_are_bounded(tmp_path, monkeypatch):
+    from moe_merge.checkpoint import safe_load, unpickle
+
+    path = _tensor_file(tmp_path)
+    _, pkl = crafted.archive_pickle(path)
+    monkeypatch.setattr(unpickle, "MAX_OBJECTS", 1000)
+    monkeypatch.setattr(unpickle, "MAX_ELEMENTS", 1000)
+    cases = {
+        "objects": pickle.MARK + pickle.EMPTY_DICT * 1001 + pickle.POP_MARK,
+        "elements": pickle.EMPTY_LIST + pickle.MARK + pickle.NONE * 1001 + pickle.APPENDS
+        + pickle.POP,
+        "references": pickle.NONE + pickle.DUP * 1001 + pickle.MARK + pickle.POP_MARK,
+        "integer": pickle.LONG4 + struct.pack("<i", 1 << 20) + b"\xff" * (1 << 20) + pickle.POP,
+        "nesting": (crafted.unicode("deep") + pickle.EMPTY_LIST * 70 + pickle.APPEND * 69
+                    + pickle.SETITEM),
+        # the loaded object replaced by a list holding itself
+        "cycle": (pickle.POP + pickle.EMPTY_LIST + pickle.BINPUT + b"\x07" + pickle.BINGET
+                  + b"\x07" + pickle.APPEND),
+    }
+    for what, extra in cases.items():
+        bad = crafted.rewrite(path, crafted.before_stop(pkl, extra), tmp_path / f"{what}.pt")
+        msg = _refused(bad, "refused, not a checkpoint structure")
+        assert {"objects": "objects", "elements": "elements", "references": "references",
+                "integer": "bytes", "nesting": "deeper", "cycle": "cycle"}[what] in msg, msg
+    # data.pkl declared larger than a checkpoint needs, compressed or not: refused before
+    # anything is inflated
+    monkeypatch.setattr(safe_load, "MAX_PICKLE_BYTES", 1 << 20)
+    bomb = pickle.NONE + pickle.POP  # 4 MiB of a no-op pair, compressed to a few kB
+    zipped = crafted.rewrite(path, crafted.before_stop(pkl, bomb * (2 << 20)),
+                             tmp_path / "bomb.pt", compress=zipfile.ZIP_DEFLATED)
+    assert zipped.stat().st_size < 100_000
+    _refused(zipped, "data.pkl declares")
+
+
+def test_tensor_views_must_lie_inside_their_record(tmp_path):
+    path = _tensor_file(tmp_path)
+    _, pkl = crafted.archive_pickle(path)
+    for offset, shape, stride in ((-4, (4,), (1,)), (12, (8,), (1,)), (0, (1 << 40,), (0,)),
+                                  (0, (4, 4), (8, 1)), (0, (4,), (-1,)), (0, (4,), (1, 1))):
+        extra = _tensor_op(offset, shape, stride) + pickle.POP
+        bad = crafted.rewrite(path, crafted.before_stop(pkl, extra), tmp_path / "bad.pt")
+        _refused(bad, "refused, not a checkpoint structure")
+    # a storage declared with another size or type than its record holds
+    for extra in (crafted.storage_pid("0", 15) + pickle.POP,
+                  crafted.storage_pid("0", 16, "DoubleStorage") + pickle.POP,
+                  crafted.storage_pid("../../etc/passwd", 16) + pickle.POP):
+        bad = crafted.rewrite(path, crafted.before_stop(pkl, extra), tmp_path / "bad.pt")
+        _refused(bad, "refused, not a checkpoint structure")
+
+
+def test_only_regular_files_inside_the_root_are_opened(tmp_path):
+    path = _tensor_file(tmp_path)
+    root = tmp_path / "tag"
+    root.mkdir()
+    (root / "link.pt").symlink_to(path)  # leaves the tag
+    _refused(root / "link.pt", "outside", root=root)
+    os.mkfifo(root / "fifo.pt")  # would block an open() for reading
+    _refused(root / "fifo.pt", "not a regular file", root=root)
+    (root / "zero.pt").symlink_to("/dev/zero")
+    _refused(root / "zero.pt", "outside|not a regular file", root=root)
+    (root / "inside.pt").symlink_to(root / "fifo.pt")
+    _refused(root / "inside.pt", "not a regular file", root=root)
+    shutil.copy(path, root / "real.pt")
+    (root / "ok.pt").symlink_to("real.pt")  # a link that stays inside is followed
+    assert load(root / "ok.pt", root=root)["x"].record.path == (root / "real.pt").resolve()
+
+
+def test_every_truncation_and_zip_damage_ends_in_one_line(tmp_path):
+    path = _tensor_file(tmp_path, x=torch.arange(8, dtype=torch.float32),
+                        meta=OrderedDict(step=3, name="w"))
+    data = path.read_bytes()
+    bad = tmp_path / "bad.pt"
+    for cut in range(0, len(data), 7):
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError) as e:
+            load(bad)
+        assert "\n" not in str(e.value)
+    _, pkl = crafted.archive_pickle(path)
+    for i in range(len(pkl)):  # every byte of the pickle set to every opcode-ish value
+        for value in (0x00, 0x62, 0x52, 0x71, 0xff):
+            mutated = bytearray(pkl)
+            mutated[i] = value
+            crafted.rewrite(path, bytes(mutated), bad)
+            try:
+                load(bad)
+            except CheckpointError as e:
+                assert "\n" not in str(e)
+    # an encrypted entry and an unknown compression method: zipfile's own errors, one line
+    # (data.pkl is the first entry: its local header at byte 0, its directory entry first)
+    raw = path.read_bytes()
+    assert raw.startswith(b"PK\x03\x04") and crafted.archive_pickle(path)[0].endswith("data.pkl")
+    for field, value in ((8, 1), (10, 99)):  # general-purpose flags (encrypted), method
+        damaged = bytearray(raw)
+        struct.pack_into("<H", damaged, raw.find(b"PK\x01\x02") + field, value)
+        struct.pack_into("<H", damaged, field - 2, value)  # the same field of the local header
+        bad.write_bytes(damaged)
+        _refused(bad, "truncated or corrupted")
+
+
+def test_big_endian_archives_are_refused(tmp_path):
+    path = _tensor_file(tmp_path)
+    name, pkl = crafted.archive_pickle(path)
+    with zipfile.ZipFile(path) as zf:
+        records = [(i.filename, zf.read(i)) for i in zf.infolist()]
+    with zipfile.ZipFile(tmp_path / "be.pt", "w") as zf:
+        for fname, data in records:
+            zf.writestr(fname, b"big" if fname.endswith("/byteorder") else data)
+    _refused(tmp_path / "be.pt", "big-endian")

@@ -1,14 +1,25 @@
 """Load DeepSpeed checkpoint files without running code from them, and without torch.
 
 A ``torch.save`` file is a zip archive: ``<archive>/data.pkl``, the pickled structure, and one
-stored (uncompressed) record ``<archive>/data/<key>`` per tensor storage. :func:`load` unpickles
-the structure with a restricted unpickler: only the globals in :data:`ALLOWED` are resolved
-(tensor rebuilds, storage types, ``OrderedDict``, ``torch.Size``, dtypes, and inert stand-ins for
-the three small DeepSpeed objects an optimizer file holds), and any other global -- a pickle
-asking to run code or to build an object a checkpoint does not need -- is refused before
-anything is called. Tensors become :class:`LazyTensor`: where their bytes lie in the file. No
-tensor data is read here; a merge reads exactly the bytes it needs with ``pread``, and
-:meth:`LazyTensor.torch` materializes one tensor where torch is wanted.
+stored (uncompressed) record ``<archive>/data/<key>`` per tensor storage. :func:`load` runs the
+structure through the restricted interpreter of :mod:`moe_merge.checkpoint.unpickle`: only the
+globals in :data:`ALLOWED` are resolved (tensor rebuilds, storage types, ``OrderedDict``,
+``torch.Size``, dtypes, and inert stand-ins for the three small DeepSpeed objects an optimizer
+file holds), each called only with the arguments it is written for, and nothing the pickle
+builds can change what was checked. Tensors become :class:`LazyTensor`: where their bytes lie
+in the file. No tensor data is read here; a merge reads exactly the bytes it needs with
+``pread``, and :meth:`LazyTensor.torch` materializes one tensor where torch is wanted.
+
+Where a tensor's bytes lie is decided by the archive alone: the record its storage key names,
+that record's offset and size from the zip directory and its local header. The pickle gives
+only the key, the element offset, the shape and the strides, and those are checked against the
+record (offsets >= 0, every element inside the record, no more elements than the storage
+holds). Files are opened only if they are regular files (no FIFOs, devices or sockets) and, when
+a root directory is given, only if their real path lies inside it.
+
+Bounds (a checkpoint never needs more): ``data.pkl`` at most :data:`MAX_PICKLE_BYTES`, the
+limits of :mod:`~moe_merge.checkpoint.unpickle` on what it builds, at most :data:`MAX_DIMS`
+tensor dimensions.
 
 ``ALLOWED_GLOBALS`` is the same allowlist for ``torch.load(weights_only=True)``, for the one
 place that maps files with torch to write into them (the DeepSpeed-format writer).
@@ -19,12 +30,19 @@ from __future__ import annotations
 import collections
 import math
 import os
-import pickle
+import stat
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from moe_merge.checkpoint import unpickle
+from moe_merge.checkpoint.unpickle import Global, StandIn
+
+MAX_PICKLE_BYTES = 64 << 20
+MAX_DIMS = 32
+MAX_SMALL_FILE = 16 << 20  # meta.json, latest and other small text files beside the tensors
 
 
 class CheckpointError(ValueError):
@@ -35,14 +53,14 @@ class ZeroStage(int):
     """Stand-in for deepspeed.runtime.zero.config.ZeroStageEnum (an int enum)."""
 
 
-class FragmentAddress:
+class FragmentAddress(StandIn):
     """Stand-in for deepspeed.utils.tensor_fragment.fragment_address: ``start``, ``numel``."""
 
     start: int
     numel: int
 
 
-class LossScaler:
+class LossScaler(StandIn):
     """Stand-in for deepspeed.runtime.fp16.loss_scaler.LossScaler (state only)."""
 
 
@@ -62,9 +80,10 @@ STORAGES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
-    """One stored zip record of tensor bytes: ``nbytes`` from byte ``offset`` of ``path``."""
+    """One stored zip record of tensor bytes: ``nbytes`` from byte ``offset`` of ``path`` (the
+    file's real path), all taken from the archive's directory and local header."""
     path: Path
     name: str
     offset: int
@@ -72,6 +91,12 @@ class Record:
     crc: int
     dtype: str
     itemsize: int
+
+    def check(self, byte: int, nbytes: int) -> None:
+        """Refuse a read of ``nbytes`` at file byte ``byte`` that is not inside this record."""
+        if nbytes < 0 or byte < self.offset or byte + nbytes > self.offset + self.nbytes:
+            raise CheckpointError(f"{self.path}: a read of {nbytes} bytes at byte {byte} lies "
+                                  f"outside record {self.name}")
 
 
 def _span(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
@@ -116,7 +141,7 @@ class LazyTensor:
 
     def narrow(self, start: int, length: int) -> LazyTensor:
         """Elements ``start .. start + length`` of this contiguous tensor, flattened."""
-        if not self.is_contiguous() or start < 0 or start + length > self.numel():
+        if not self.is_contiguous() or start < 0 or length < 0 or start + length > self.numel():
             raise IndexError(f"{self.record.path}: cannot take [{start}, {start + length}) of a "
                              f"tensor of shape {list(self.shape)}")
         return LazyTensor(self.record, self.storage_offset + start, (length,), (1,))
@@ -128,9 +153,14 @@ class LazyTensor:
         dtype = getattr(torch, self.dtype)
         if self.numel() == 0:
             return torch.empty(self.shape, dtype=dtype)
-        raw = torch.empty(_span(self.shape, self.stride) * self.record.itemsize, dtype=torch.uint8)
-        with open(self.record.path, "rb") as f:
-            pread_exact(f.fileno(), memoryview(raw.numpy()), self.file_offset, self.record.path)
+        nbytes = _span(self.shape, self.stride) * self.record.itemsize
+        self.record.check(self.file_offset, nbytes)
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        fd = open_regular(self.record.path)
+        try:
+            pread_exact(fd, memoryview(raw.numpy()), self.file_offset, self.record.path)
+        finally:
+            os.close(fd)
         return raw.view(dtype).as_strided(self.shape, self.stride)
 
 
@@ -144,129 +174,304 @@ def pread_exact(fd: int, buf: memoryview, offset: int, path: Path | str) -> None
         done += k
 
 
+# ---- files -------------------------------------------------------------------------------
+def real_path(path: Path | str, root: Path | str | None = None) -> Path:
+    """``path`` with every symlink resolved; with ``root``, refused unless it lies inside
+    ``root``'s real path (a symlink must not lead a checkpoint out of its directory)."""
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    if root is not None:
+        top = Path(os.path.realpath(root))
+        if real != top and top not in real.parents:
+            raise CheckpointError(f"{path}: a symlink to {real}, outside {root}: refused")
+    return real
+
+
+def open_regular(path: Path | str, root: Path | str | None = None) -> int:
+    """A read-only file descriptor of ``path``, only if it is a regular file (inside ``root``
+    when given). FIFOs, devices and sockets are refused without blocking on them."""
+    real = real_path(path, root)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file (a FIFO, device, socket or "
+                                  "directory): refused")
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_small(path: Path | str, root: Path | str | None = None,
+               limit: int = MAX_SMALL_FILE) -> bytes:
+    """The bytes of a small regular file (meta.json, latest, config.json), at most ``limit``."""
+    fd = open_regular(path, root)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{path}: larger than {limit} bytes; not a file a checkpoint "
+                              "holds")
+    return data
+
+
+# ---- the allowlist -----------------------------------------------------------------------
+def _ints(values, what: str) -> tuple[int, ...]:
+    if not isinstance(values, (tuple, list)) or len(values) > MAX_DIMS:
+        raise unpickle.Error(f"{what}: not a tuple of at most {MAX_DIMS} integers")
+    if not all(type(v) is int for v in values):
+        raise unpickle.Error(f"{what}: not integers")
+    return tuple(values)
+
+
+class StorageRef:
+    """What a pickle's persistent id resolves to: one record, found by the archive."""
+
+    __slots__ = ("record",)
+
+    def __init__(self, record: Record):
+        object.__setattr__(self, "record", record)
+
+    def __setattr__(self, key, value):
+        raise AttributeError("read-only")
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, *_):
-    if not isinstance(storage, Record):
-        raise pickle.UnpicklingError("tensor without a storage record")
-    shape, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    if (int(storage_offset) + _span(shape, stride)) * storage.itemsize > storage.nbytes:
-        raise pickle.UnpicklingError(f"tensor of shape {list(shape)} overruns its record "
-                                     f"{storage.name}")
-    return LazyTensor(storage, int(storage_offset), shape, stride)
+    if not isinstance(storage, StorageRef):
+        raise unpickle.Error("tensor without a storage record")
+    rec = storage.record
+    shape, stride = _ints(size, "tensor shape"), _ints(stride, "tensor strides")
+    if type(storage_offset) is not int or storage_offset < 0 or len(shape) != len(stride) \
+            or any(s < 0 for s in shape) or any(s < 0 for s in stride):
+        raise unpickle.Error(f"tensor with a negative offset, size or stride in {rec.name}")
+    elements = rec.nbytes // rec.itemsize
+    if math.prod(shape) > elements or storage_offset + _span(shape, stride) > elements \
+            and math.prod(shape):
+        raise unpickle.Error(f"tensor of shape {list(shape)} at element {storage_offset} "
+                             f"overruns its record {rec.name} ({elements} elements)")
+    return LazyTensor(rec, storage_offset, shape, stride)
 
 
 def _rebuild_parameter(data, *_):
+    if not isinstance(data, LazyTensor):
+        raise unpickle.Error("parameter without a tensor")
     return data
 
 
 def _rebuild_from_type(func, new_type, args, state):
     """A tensor pickled with its type and Python attributes: only the tensor is kept."""
-    return func(*args)
+    if not (isinstance(func, Global) and func.name == "torch._utils._rebuild_tensor_v2"
+            and isinstance(new_type, Global) and isinstance(args, tuple)):
+        raise unpickle.Error("_rebuild_from_type_v2 of something other than a tensor")
+    return func.call(*args)
 
 
-class _StorageType(str):
-    """A torch storage class named in a pickle: only its name is kept."""
+def _ordered_dict(items=()):
+    if items:
+        raise unpickle.Error("OrderedDict built from arguments")
+    return collections.OrderedDict()
 
 
-def _encode(text: str, encoding: str = "latin1") -> bytes:  # protocol-2 pickles of bytes
+def _counter(items=None):
+    if items is not None and not isinstance(items, dict):
+        raise unpickle.Error("Counter of a non-dict")
+    return collections.Counter(items or {})
+
+
+def _size(values=()):
+    return _ints(values, "torch.Size")
+
+
+def _device(kind, index=None):
+    if not isinstance(kind, str) or len(kind) > 32 or index is not None and type(index) is not int:
+        raise unpickle.Error("torch.device of a non-string")
+    return kind if index is None else f"{kind}:{index}"
+
+
+def _encode(text, encoding="latin1"):  # protocol-2 pickles of bytes
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise unpickle.Error("_codecs.encode of a non-string")
     return text.encode(encoding)
 
 
+def _set(items=()):
+    if not isinstance(items, (list, tuple)):
+        raise unpickle.Error("set of a non-list")
+    return set(items)
+
+
+def _bytearray(data=b"", encoding=None):
+    """bytearray(b'...') or bytearray(str, 'latin-1'), never bytearray(n): as long as the
+    pickle's own bytes, no longer."""
+    if isinstance(data, str) and encoding in ("latin1", "latin-1"):
+        return bytearray(data.encode("latin-1"))
+    if isinstance(data, (bytes, bytearray)) and encoding is None:
+        return bytearray(data)
+    raise unpickle.Error("bytearray of something other than bytes")
+
+
+def _zero_stage(value):
+    if type(value) is not int or not 0 <= value <= 3:
+        raise unpickle.Error("ZeroStageEnum of something other than 0..3")
+    return ZeroStage(value)
+
+
 ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("collections", "Counter"): collections.Counter,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
-    ("torch", "Tensor"): "Tensor",
-    ("torch", "Size"): tuple,
-    ("torch", "device"): str,
-    ("_codecs", "encode"): _encode,
-    ("builtins", "set"): set,
-    ("builtins", "bytearray"): bytearray,
-    **{("torch", name): _StorageType(name) for name in STORAGES},
-    **{tuple(path.rsplit(".", 1)): cls for cls, path in ALLOWED_GLOBALS},
+    ("collections", "OrderedDict"): Global("collections.OrderedDict", _ordered_dict),
+    ("collections", "Counter"): Global("collections.Counter", _counter),
+    ("torch._utils", "_rebuild_tensor_v2"): Global("torch._utils._rebuild_tensor_v2",
+                                                   _rebuild_tensor),
+    ("torch._utils", "_rebuild_parameter"): Global("torch._utils._rebuild_parameter",
+                                                   _rebuild_parameter),
+    ("torch.nn.parameter", "Parameter"): Global("torch.nn.parameter.Parameter",
+                                                _rebuild_parameter),
+    ("torch._tensor", "_rebuild_from_type_v2"): Global("torch._tensor._rebuild_from_type_v2",
+                                                       _rebuild_from_type),
+    ("torch", "Tensor"): Global("torch.Tensor"),
+    ("torch", "Size"): Global("torch.Size", _size),
+    ("torch", "device"): Global("torch.device", _device),
+    ("_codecs", "encode"): Global("_codecs.encode", _encode),
+    ("builtins", "set"): Global("builtins.set", _set),
+    ("builtins", "bytearray"): Global("builtins.bytearray", _bytearray),
+    **{("torch", name): Global(name) for name in STORAGES},  # storage types: only named
+    **{("torch", dtype): dtype for dtype, _ in STORAGES.values()},  # dtypes: their names
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"): Global(
+        "deepspeed.runtime.zero.config.ZeroStageEnum", _zero_stage),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"): Global(
+        "deepspeed.utils.tensor_fragment.fragment_address", new=FragmentAddress),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"): Global(
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler", new=LossScaler),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"): Global(
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", new=LossScaler),
 }
-_DTYPE_NAMES = {dtype for dtype, _ in STORAGES.values()}
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, zf: zipfile.ZipFile, path: Path, prefix: str):
-        super().__init__(file)
-        self._zf, self._path, self._prefix = zf, path, prefix
-        self._records: dict[str, Record] = {}
+# ---- the archive -------------------------------------------------------------------------
+class _Archive:
+    """A torch.save zip archive open for parsing: its records, found by the zip directory."""
 
-    def find_class(self, module: str, name: str):
-        if module == "torch" and name in _DTYPE_NAMES:
-            return name
-        try:
-            return ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}") from None
+    def __init__(self, path: Path, zf: zipfile.ZipFile, size: int, prefix: str):
+        self.path, self.zf, self.size, self.prefix = path, zf, size, prefix
+        self.records: dict[str, Record] = {}
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:80]}")
-        key = str(pid[2])
-        if key not in self._records:
-            dtype, itemsize = STORAGES[pid[1]]
-            name = f"{self._prefix}data/{key}"
-            try:
-                info = self._zf.getinfo(name)
-            except KeyError:
-                raise pickle.UnpicklingError(f"record {name} missing") from None
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise pickle.UnpicklingError(f"record {name} is compressed")
-            if info.file_size < int(pid[4]) * itemsize:
-                raise pickle.UnpicklingError(f"record {name} is shorter than its storage")
-            self._records[key] = Record(self._path, name, _data_offset(self._zf, info),
-                                        info.file_size, info.CRC, dtype, itemsize)
-        return self._records[key]
+                and isinstance(pid[1], Global) and pid[1].name in STORAGES
+                and isinstance(pid[2], str) and len(pid[2]) <= 64
+                and type(pid[4]) is int and pid[4] >= 0):
+            raise unpickle.Error(f"unexpected persistent id {str(pid)[:80]}")
+        dtype, itemsize = STORAGES[pid[1].name]
+        key, numel = pid[2], pid[4]
+        rec = self.records.get(key)
+        if rec is None:
+            rec = self._record(key, dtype, itemsize)
+            self.records[key] = rec
+        if rec.dtype != dtype or rec.nbytes != numel * itemsize:
+            raise unpickle.Error(f"record {rec.name} holds {rec.nbytes} bytes, but a storage "
+                                 f"of {numel} x {dtype} is declared for it")
+        return StorageRef(rec)
+
+    def _record(self, key: str, dtype: str, itemsize: int) -> Record:
+        name = f"{self.prefix}data/{key}"
+        try:
+            info = self.zf.getinfo(name)
+        except KeyError:
+            raise unpickle.Error(f"record {name} missing") from None
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            raise unpickle.Error(f"record {name} is compressed or encrypted")
+        offset = _data_offset(self.zf, info)
+        if offset + info.file_size > self.size:
+            raise unpickle.Error(f"record {name} runs past the end of the file")
+        return Record(self.path, name, offset, info.file_size, info.CRC, dtype, itemsize)
 
 
 def _data_offset(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int:
-    """Where a stored record's data starts: after its local header, name and extra field."""
+    """Where a stored record's data starts: after its local header, name and extra field (the
+    local header must name the same record as the directory)."""
     fp = zf.fp
     fp.seek(info.header_offset)
     head = fp.read(30)
     if len(head) != 30 or head[:4] != b"PK\x03\x04":
-        raise pickle.UnpicklingError(f"bad local header of record {info.filename}")
+        raise unpickle.Error(f"bad local header of record {info.filename}")
     name_len, extra_len = struct.unpack("<HH", head[26:30])
+    if fp.read(name_len) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800
+                                                      else "cp437"):
+        raise unpickle.Error(f"the local header of record {info.filename} names another file")
     return info.header_offset + 30 + name_len + extra_len
 
 
-def load(path: Path | str) -> dict[str, Any]:
-    """One checkpoint file's structure, tensors as :class:`LazyTensor` (nothing read)."""
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def load(path: Path | str, root: Path | str | None = None) -> dict[str, Any]:
+    """One checkpoint file's structure, tensors as :class:`LazyTensor` (nothing read).
+    ``root``: the directory the file must lie in (symlinks resolved)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
+    fd = open_regular(path, root)
+    real = real_path(path)
     try:
-        size = path.stat().st_size
-        with zipfile.ZipFile(path) as zf:
-            pkl = next((n for n in zf.namelist() if n.endswith("/data.pkl")), None)
-            if pkl is None:
-                raise CheckpointError(f"{path}: not a torch.save file (no data.pkl record)")
-            with zf.open(pkl) as f:
-                obj = _Unpickler(f, zf, path, pkl[:-len("data.pkl")]).load()
-            end = max((i.header_offset + 30 + len(i.filename) + i.file_size
-                       for i in zf.infolist()), default=0)
-            if end > size:
-                raise CheckpointError(f"{path}: truncated or corrupted (records run past the "
-                                      f"end of the file, {size} bytes)")
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            with zipfile.ZipFile(f) as zf:
+                pkls = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")
+                        and i.filename.count("/") == 1]
+                if len(pkls) != 1:
+                    raise CheckpointError(f"{path}: not a torch.save file (no single "
+                                          "<archive>/data.pkl record)")
+                info = pkls[0]
+                prefix = info.filename[:-len("data.pkl")]
+                if info.file_size > MAX_PICKLE_BYTES or info.compress_size > size:
+                    raise CheckpointError(f"{path}: data.pkl declares {info.file_size} bytes, "
+                                          f"more than the {MAX_PICKLE_BYTES} a checkpoint needs")
+                order = zf.NameToInfo.get(f"{prefix}byteorder")
+                if order is not None and order.file_size <= 16 \
+                        and zf.read(order).strip() not in (b"little", b""):
+                    raise CheckpointError(f"{path}: tensors stored big-endian; not supported")
+                with zf.open(info) as pf:
+                    data = pf.read(MAX_PICKLE_BYTES + 1)
+                if len(data) > MAX_PICKLE_BYTES:
+                    raise CheckpointError(f"{path}: data.pkl is larger than "
+                                          f"{MAX_PICKLE_BYTES} bytes")
+                archive = _Archive(real, zf, size, prefix)
+                obj = unpickle.loads(data, ALLOWED, archive.persistent_load)
+    except CheckpointError:
+        raise
+    except unpickle.Error as e:
+        first = _first_line(e)
         if "Unsupported global" in first:
             raise CheckpointError(f"{path}: refused, the file asks to run code or build objects "
                                   f"that a checkpoint does not need ({first})") from None
-        raise CheckpointError(f"{path}: truncated or corrupted ({first})") from None
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, TypeError, KeyError,
-            IndexError, AttributeError, struct.error) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: truncated or corrupted ({first})") from None
+        raise CheckpointError(f"{path}: refused, not a checkpoint structure ({first})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, TypeError,
+            KeyError, IndexError, AttributeError, struct.error, RuntimeError,
+            NotImplementedError, OverflowError, MemoryError, RecursionError, LookupError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupted ({_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a DeepSpeed checkpoint file (holds a "
                               f"{type(obj).__name__}, not a dict)")
     return obj
+
+
+def check_files(tag_dir: Path | str) -> list[Path]:
+    """Parse every pickle of a checkpoint tag (every ``*.pt`` / ``*.pth`` / ``*.pkl`` / ``*.bin``
+    file in it) with the restricted interpreter, before a program that runs pickles
+    (``torch.load(weights_only=False)`` in DeepSpeed's engine) reads it. Raises
+    :class:`CheckpointError` naming the first file that is refused; returns the files."""
+    tag_dir = Path(tag_dir)
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"{tag_dir}: not a checkpoint directory")
+    files = sorted(p for p in tag_dir.iterdir() if p.suffix in (".pt", ".pth", ".pkl", ".bin"))
+    for p in files:
+        load(p, tag_dir)
+    return files
