@@ -105,7 +105,7 @@ class Interpreter:
         except KeyError as e:
             raise Error(f"memo key {str(e)[:20]} not found") from None
 
-    def _run(self):  # noqa: C901 - one flat dispatch on the opcode, the most frequent first
+    def _run(self):  # one flat dispatch on the opcode, the most frequent first
         data, n = self.data, len(self.data)
         stack: list[Any] = []
         marks: list[list[Any]] = []
