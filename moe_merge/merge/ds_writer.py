@@ -8,6 +8,11 @@ rewritten, so every record DeepSpeed needs (ds_config, step counters, client sta
 shapes) stays exactly as DeepSpeed wrote it, and ``engine.load_checkpoint`` resumes from it.
 The zip CRC-32 of each changed record is updated.
 
+The template's files are data from elsewhere: before torch maps any of them, every pickle of
+the tag is parsed by the restricted parser (:func:`~moe_merge.checkpoint.safe_load.check_files`),
+and only its ``*.pt`` files are copied, each only if it is a regular file inside the tag (read
+from the opened descriptor: a symlink leaving the tag, a FIFO or a device is refused).
+
 Optimizer-state policies: ``latest`` keeps the newest checkpoint's moments, ``merged`` writes
 the same weighted average of the moments, ``reset`` zeroes them (Adam's step count, a pickled
 integer, is kept; load with ``load_optimizer_states=False`` to restart it as well).
@@ -16,7 +21,7 @@ integer, is kept; load with ``load_optimizer_states=False`` to restart it as wel
 from __future__ import annotations
 
 import mmap
-import shutil
+import os
 import struct
 import zipfile
 import zlib
@@ -25,9 +30,9 @@ from pathlib import Path
 import torch
 
 from moe_merge.checkpoint.reader import DSCheckpoint, Piece, _for_state
-from moe_merge.checkpoint.safe_load import ALLOWED_GLOBALS, CheckpointError
+from moe_merge.checkpoint.safe_load import (ALLOWED_GLOBALS, CheckpointError, check_files,
+                                            open_regular)
 from moe_merge.config import OPTIMIZER_POLICIES
-
 
 
 def _load_shared(path: Path) -> dict:
@@ -39,6 +44,14 @@ def _load_shared(path: Path) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     finally:
         torch.serialization.set_default_mmap_options(old)
+
+
+def _copy(src: Path, dst: Path, root: Path, chunk: int = 1 << 24) -> None:
+    """Copy the regular file ``src`` (inside ``root``) to the new file ``dst``."""
+    fd = open_regular(src, root)
+    with os.fdopen(fd, "rb") as fin, open(dst, "xb") as fout:
+        while block := fin.read(chunk):
+            fout.write(block)
 
 
 def _get(obj, key: tuple):
@@ -91,7 +104,10 @@ class DeepSpeedWriter:
         self.t = template
         self.policy = optimizer_state
         self.tag_dir = Path(out_dir) / template.dir.name
-        shutil.copytree(template.dir, self.tag_dir, ignore=shutil.ignore_patterns("meta.json"))
+        self.tag_dir.mkdir()
+        for src in check_files(template.dir):
+            if src.suffix == ".pt":
+                _copy(src, self.tag_dir / src.name, template.dir)
         (Path(out_dir) / "latest").write_text(template.dir.name)
         self._files: dict[str, dict] = {}
 
