@@ -30,8 +30,12 @@ from pathlib import Path
 import torch
 
 from moe_merge.checkpoint.reader import DSCheckpoint, Piece, _for_state
-from moe_merge.checkpoint.safe_load import (ALLOWED_GLOBALS, CheckpointError, check_files,
-                                            open_regular)
+from moe_merge.checkpoint.safe_load import (
+    ALLOWED_GLOBALS,
+    CheckpointError,
+    check_files,
+    open_regular,
+)
 from moe_merge.config import OPTIMIZER_POLICIES
 
 
