@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -207,18 +208,30 @@ class InitSource:
 
 
 def _manifest(d: Path) -> dict | None:
+    from moe_merge.checkpoint.safe_load import CheckpointError, read_small
+
     f = d / "merge_manifest.json"
-    if not f.is_file():
+    if not os.path.lexists(f):
         return None
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"key 'train.init_from': {f}: not valid JSON ({e.msg})") from None
+        m = json.loads(read_small(f, d))
+    except CheckpointError as e:
+        raise ConfigError(f"key 'train.init_from': {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else type(e).__name__
+        raise ConfigError(f"key 'train.init_from': {f}: not valid JSON ({why})") from None
+    if not isinstance(m, dict) or not isinstance(m.get("inputs", []), list) \
+            or not all(isinstance(i, dict) for i in m.get("inputs", [])):
+        raise ConfigError(f"key 'train.init_from': {f}: not a merge manifest (an object with a "
+                          "list of inputs)")
+    return m
 
 
 def resolve_init(path: str | Path, policy: str) -> InitSource:
     """What ``train.init_from`` points at, checked against ``train.init_optimizer``."""
     from moe_merge.checkpoint.discover import is_tag_dir
+    from moe_merge.checkpoint.safe_load import CheckpointError
+    from moe_merge.checkpointing import latest_tag
 
     p = Path(path)
     key = "key 'train.init_from'"
@@ -237,7 +250,10 @@ def resolve_init(path: str | Path, policy: str) -> InitSource:
             raise ConfigError(f"{key}: {p} is neither an HF model directory (config.json and "
                               "*.safetensors) nor a DeepSpeed checkpoint (a global_stepN/ "
                               "directory, or a directory or run with a 'latest' file)")
-        tag = latest.read_text().strip()
+        try:
+            tag = latest_tag(base)
+        except CheckpointError as e:
+            raise ConfigError(f"{key}: {e}") from None
         if not is_tag_dir(base / tag):
             raise ConfigError(f"{key}: {latest} names {tag}, which is not a checkpoint in {base}")
         src = InitSource(p, "deepspeed", base, tag, _manifest(base))

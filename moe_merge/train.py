@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from moe_merge.checkpoint.safe_load import CheckpointError
 from moe_merge.config import ConfigError, load_recipe, to_yaml, validate
 
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             run(cfg)
         except ConfigError as e:
             raise ConfigError(f"{args.recipe}: {e}") from None
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:  # CheckpointError: a file refused (one line)
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

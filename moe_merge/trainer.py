@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_merge import checkpointing as ckpt
+from moe_merge.checkpoint.safe_load import CheckpointError
 from moe_merge.config import ConfigError, RecipeConfig, check_world_size, to_dict, to_yaml
 from moe_merge.data import Batches, TokenData, prepare, validation_windows
 from moe_merge.distributed import dist_env, init_distributed
@@ -82,15 +83,27 @@ class Trainer:
         self.world = self.dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         check_world_size(cfg, self.world)
+        if not self.on_cpu:  # the device of the collectives that run before DeepSpeed's engine
+            get_accelerator().set_device(self.local_rank)
+        self.device = torch.device(get_accelerator().device_name(self.local_rank))
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
-        resuming = cfg.train.resume == "auto" and ckpt.latest_tag(self.ckpt_dir) is not None
+        try:
+            self.resume_tag = (ckpt.latest_tag(self.ckpt_dir) if cfg.train.resume == "auto"
+                               else None)
+        except CheckpointError as e:
+            raise ConfigError(f"key 'train.resume': {e}") from None
+        resuming = self.resume_tag is not None
         if self.run_dir.exists() and not resuming and ckpt.list_tags(self.ckpt_dir):
             raise ConfigError(f"key 'train.resume': run directory {self.run_dir} already has "
                               "checkpoints; set train.resume=auto or choose another name")
         if resuming and (self.run_dir / "recipe.yaml").exists():
             check_resume_compatible(cfg, self.run_dir / "recipe.yaml")
         self.resuming = resuming
+        resuming_any = self.resuming or bool(cfg.train.fork_from)
+        self.init = (resolve_init(cfg.train.init_from, cfg.train.init_optimizer)
+                     if cfg.train.init_from and not resuming_any else None)
+        self._check_source()  # before anything is written: a refused source leaves no run dir
 
         # Data: one process per node builds the cache, the others wait for it.
         if self.local_rank == 0:
@@ -114,9 +127,6 @@ class Trainer:
         # deepspeed.zero.Init was tried: with AutoEP the experts come out NaN, for dense models
         # transformers' _init_weights no longer applies (see the issue notes).
         model = build_model(cfg.model, self.vocab, cfg.seed)
-        resuming_any = self.resuming or bool(cfg.train.fork_from)
-        self.init = (resolve_init(cfg.train.init_from, cfg.train.init_optimizer)
-                     if cfg.train.init_from and not resuming_any else None)
         if self.init is not None and self.init.format == "hf":
             load_hf_weights(model, self.init.path)
         self.aux_coef = cfg.model.router_aux_loss_coef if cfg.model.is_moe else 0.0
@@ -154,12 +164,43 @@ class Trainer:
         shutil.rmtree(hf_dir, ignore_errors=True)
         os.replace(tmp, hf_dir)
 
+    def _check_source(self) -> None:
+        """The checkpoint this launch will hand to DeepSpeed (resume, fork_from, a DeepSpeed
+        init_from), checked by every rank (:func:`checkpointing.check_tag`); a refusal is a
+        ConfigError naming the key and the file."""
+        cfg = self.cfg
+        if self.resuming:
+            key, load_dir, tag = "train.resume", self.ckpt_dir, self.resume_tag
+        elif cfg.train.fork_from:
+            fork = Path(cfg.train.fork_from)
+            key, load_dir, tag = "train.fork_from", fork.parent, fork.name
+        elif self.init is not None and self.init.format == "deepspeed":
+            key, load_dir, tag = "train.init_from", self.init.load_dir, self.init.tag
+        else:
+            return
+        try:
+            ckpt.check_tag(load_dir, tag, self.dist, self.device)
+        except CheckpointError as e:
+            raise ConfigError(f"key '{key}': {e}") from None
+
+    def _client_state(self, client, key: str, path) -> tuple[int, int]:
+        """(step, data_offset) of a loaded checkpoint's client state."""
+        try:
+            state = client["moe_merge"]
+            step, offset = state["step"], state.get("data_offset", 0)
+            if type(step) is not int or type(offset) is not int or step < 0 or offset < 0:
+                raise TypeError
+        except (TypeError, KeyError, AttributeError):
+            raise ConfigError(f"key '{key}': {path}: no moe_merge step and data offset (>= 0) "
+                              "in its client state") from None
+        return step, offset
+
     def _restore(self) -> None:
         cfg = self.cfg
         if self.resuming:
-            path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
-            self.step = int(client["moe_merge"]["step"])
-            self.data_offset = int(client["moe_merge"].get("data_offset", 0))
+            path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=self.resume_tag)
+            self.step, self.data_offset = self._client_state(
+                client, "train.resume", self.ckpt_dir / self.resume_tag)
             self._log0(f"resumed from {path} at step {self.step}")
             self.metrics.truncate_after(self.step)
         elif cfg.train.fork_from:
@@ -168,8 +209,7 @@ class Trainer:
                                                        load_lr_scheduler_states=False)
             if path is None:
                 raise ConfigError(f"key 'train.fork_from': DeepSpeed could not load {fork}")
-            self.step = int(client["moe_merge"]["step"])
-            self.data_offset = int(client["moe_merge"].get("data_offset", 0))
+            self.step, self.data_offset = self._client_state(client, "train.fork_from", fork)
             self._log0(f"forked from {fork} at step {self.step}")
             if self.rank == 0:
                 ckpt.write_atomic(self.run_dir / "fork.json", json.dumps(
@@ -425,6 +465,10 @@ class Trainer:
             self._merge_for_recovery(chosen, load_dir)
         else:
             load_dir = self.ckpt_dir
+        try:
+            ckpt.check_tag(load_dir, tags[-1], self.dist, self.device)
+        except CheckpointError as e:  # every rank raises (check_tag agrees)
+            raise SpikeError(f"loss spike at step {spike_step}: recovery refused: {e}") from None
         error = None
         try:
             path, _ = self.engine.load_checkpoint(str(load_dir), tag=tags[-1],
@@ -550,7 +594,15 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: Path) -> None:
 
 
 def run(cfg: RecipeConfig) -> dict:
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except ConfigError:  # a refusal at start-up (every rank): no gloo threads left at exit
+        if torch.distributed.is_initialized():
+            try:
+                torch.distributed.destroy_process_group()
+            except Exception:  # the ConfigError is the news, not a teardown that failed
+                pass
+        raise
     try:
         summary = trainer.fit()
     except SpikeError:

@@ -463,15 +463,27 @@ def load(path: Path | str, root: Path | str | None = None) -> dict[str, Any]:
     return obj
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin")  # the files of a tag that hold pickles
+
+
+def check_file(path: Path | str, root: Path | str) -> None:
+    """One entry of a checkpoint tag: a regular file inside ``root`` (symlinks resolved) and,
+    if it holds a pickle (:data:`PICKLE_SUFFIXES`), one the restricted interpreter parses."""
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        load(path, root)
+    else:
+        os.close(open_regular(path, root))
+
+
 def check_files(tag_dir: Path | str) -> list[Path]:
-    """Parse every pickle of a checkpoint tag (every ``*.pt`` / ``*.pth`` / ``*.pkl`` / ``*.bin``
-    file in it) with the restricted interpreter, before a program that runs pickles
-    (``torch.load(weights_only=False)`` in DeepSpeed's engine) reads it. Raises
-    :class:`CheckpointError` naming the first file that is refused; returns the files."""
+    """Check every entry of a checkpoint tag with :func:`check_file`, before a program that
+    runs pickles (``torch.load(weights_only=False)`` in DeepSpeed's engine) reads it. Raises
+    :class:`CheckpointError` naming the first entry refused; returns the entries, sorted."""
     tag_dir = Path(tag_dir)
     if not tag_dir.is_dir():
         raise CheckpointError(f"{tag_dir}: not a checkpoint directory")
-    files = sorted(p for p in tag_dir.iterdir() if p.suffix in (".pt", ".pth", ".pkl", ".bin"))
+    files = sorted(tag_dir.iterdir())
     for p in files:
-        load(p, tag_dir)
+        check_file(p, tag_dir)
     return files
