@@ -206,7 +206,16 @@ def prepare(cfg: DataConfig) -> TokenData:
                             f"train/validation split at data.val_fraction={cfg.val_fraction}")
         if cfg.tokenizer:
             from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+
+            from moe_merge.checkpoint.names import check_no_remote_code
+            from moe_merge.checkpoint.safe_load import CheckpointError
+            try:
+                if Path(cfg.tokenizer).is_dir():
+                    check_no_remote_code(cfg.tokenizer)
+                tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer, trust_remote_code=False)
+            except (CheckpointError, OSError, ValueError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DataError(f"data.tokenizer: cannot load {cfg.tokenizer} ({first})") from None
             tokenizer.save_pretrained(str(root / "tokenizer"))
         else:
             logger.info("training a %d-token byte-level BPE on %s", cfg.vocab_size, cfg.source)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -234,11 +235,14 @@ def hvp_model(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> torch.n
     """The HF model of ``hf_dir`` with eager attention and experts: plain ops, twice
     differentiable in any dtype (the fused CPU attention kernel has no double backward,
     grouped_mm no float64)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(hf_dir)), dtype=dtype,
+    from moe_merge.checkpoint.names import auto_config
+
+    return AutoModelForCausalLM.from_config(auto_config(hf_dir), dtype=dtype,
                                             attn_implementation="eager",
-                                            experts_implementation="eager")
+                                            experts_implementation="eager",
+                                            trust_remote_code=False)
 
 
 def micro_batches(windows, micro_batch: int, limit: int | None = None) -> list:
@@ -264,6 +268,7 @@ def lm_loss_sum(model: torch.nn.Module, batch) -> tuple[torch.Tensor, int]:
 def _state_of(path: Path, hf_dir: Path) -> dict:
     """The HF state dict of a checkpoint tag, a run (its newest tag) or an HF model directory."""
     from moe_merge.checkpoint.discover import find_tags
+    from moe_merge.checkpoint.safe_load import open_regular, real_path
     from moe_merge.merge.merger import hf_state
     from moe_merge.merge.strategies import MergeError
 
@@ -275,7 +280,8 @@ def _state_of(path: Path, hf_dir: Path) -> dict:
             raise MergeError(f"--reference {path}: an HF directory without .safetensors weights")
         state = {}
         for f in files:
-            state.update(load_file(str(f)))
+            os.close(open_regular(f, path))  # a regular file inside the directory
+            state.update(load_file(str(real_path(f, path))))
         return state
     return hf_state(find_tags([path])[-1].path, hf_dir)
 
@@ -295,9 +301,9 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
     from moe_merge.checkpoint.discover import hf_dir_for
     from moe_merge.config import load_recipe
     from moe_merge.evals.loss import eval_windows, recipe_for
-    from moe_merge.merge.merger import hf_state, plan
+    from moe_merge.merge.merger import hf_state, input_dirs, plan
     from moe_merge.merge.strategies import MergeError
-    from moe_merge.merge.writer import check_target
+    from moe_merge.merge.writer import check_apart, check_target
 
     chosen, w = plan(ckpts, strategy, alpha, weights, last, every, tags)
     if len(chosen) < 2:
@@ -310,6 +316,9 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
     hf_dir = hf_dir_for(chosen, hf_config)
     if hf_dir is None:
         raise MergeError(f"{chosen[-1].path}: no hf/config.json in its run; pass --hf-config DIR")
+    if out is not None:
+        check_apart(out, input_dirs([*ckpts, *([reference] if reference is not None else [])],
+                                    chosen, hf_dir))
     recipe_path = Path(recipe) if recipe else recipe_for(chosen[-1].path)
     if recipe_path is None:
         raise MergeError(f"{chosen[-1].path}: cannot find the run's recipe.yaml for its "
@@ -323,6 +332,9 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
         raise MergeError(f"--batches must be >= 1, got {batches}")
     data = micro_batches(windows, mb, batches)
     dtype = torch.float64 if float64 else torch.float32
+    # the checkpoints first: their tensors are checked against the HF config (sizes, names)
+    # before a model is built from it
+    points = [hf_state(t.path, hf_dir) for t in chosen]
     model = hvp_model(hf_dir, dtype)
     echo(f"analyze: {len(chosen)} checkpoints (steps {', '.join(str(t.step) for t in chosen)}), "
          f"weights {', '.join(f'{x:.3f}' for x in w)}; {len(data)} batches of {mb} x "
@@ -334,7 +346,6 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
             check_state(model, ref, f"--reference {reference}")
         except ValueError as e:
             raise MergeError(str(e)) from None
-    points = [hf_state(t.path, hf_dir) for t in chosen]
     terms = second_order(model, points, w, data, lm_loss_sum, reference=ref, progress=progress,
                          consume=True)
     result = {"checkpoints": [str(t.path) for t in chosen], "steps": [t.step for t in chosen],

@@ -192,16 +192,17 @@ class Evaluator:
 
     def __init__(self, cfg: RecipeConfig, hf_dir: Path):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
+        from moe_merge.checkpoint.names import auto_config
         from moe_merge.evals.loss import eval_windows
 
         self.torch = torch
         self.hf_dir = hf_dir
         self.windows = eval_windows(cfg)
         self.micro_batch = cfg.parallel.micro_batch
-        self.model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(hf_dir)),
-                                                      dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_config(auto_config(hf_dir), dtype=torch.float32,
+                                                      trust_remote_code=False)
         self.states: dict[tuple[str, int], dict] = {}
         self.evals = 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -62,7 +63,14 @@ def eval_windows(cfg: RecipeConfig, data_source: str | None = None,
     else:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        from moe_merge.checkpoint.names import check_no_remote_code
+
+        check_no_remote_code(tokenizer_dir)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise MergeError(f"{tokenizer_dir}: cannot load its tokenizer ({_first_line(e)})"
+                             ) from None
         with tempfile.TemporaryDirectory(prefix="moe_merge_data_") as tmp:
             path = Path(tmp) / "eval.bin"
             _write_tokens(iter_texts(list_documents(data_cfg), data_cfg.jsonl_key), tokenizer,
@@ -93,9 +101,42 @@ def loss_on(model: torch.nn.Module, windows, micro_batch: int) -> tuple[float, i
 def load_hf(model_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    if not (Path(model_dir) / "config.json").is_file():
+    from moe_merge.checkpoint.names import check_no_remote_code, check_sizes, read_hf_config
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
         raise MergeError(f"{model_dir}: not an HF model directory (no config.json)")
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    check_no_remote_code(model_dir)
+    # a config far larger than the weights is refused before transformers builds it
+    check_sizes(read_hf_config(model_dir), _weight_shapes(model_dir), model_dir / "config.json")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
+                                                    trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise MergeError(f"{model_dir}: cannot load the HF model ({_first_line(e)})") from None
+
+
+def _weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in the model's safetensors files (their headers only;
+    files inside the directory)."""
+    from safetensors import SafetensorError, safe_open
+
+    from moe_merge.checkpoint.safe_load import open_regular, real_path
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        os.close(open_regular(f, model_dir))  # a regular file inside the directory
+        try:
+            with safe_open(str(real_path(f, model_dir)), "np") as st:
+                shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+        except (OSError, SafetensorError) as e:
+            raise MergeError(f"{f}: not a readable safetensors file ({_first_line(e)})") from None
+    return shapes
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def evaluate(model_path: str | Path, recipe: str | Path | None = None,

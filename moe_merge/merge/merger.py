@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,18 +27,19 @@ from pathlib import Path
 import numpy as np
 
 from moe_merge import __version__
-from moe_merge.checkpoint.discover import Tag, find_tags, hf_dir_for
+from moe_merge.checkpoint.discover import Tag, find_tags, hf_dir_for, is_tag_dir
 from moe_merge.checkpoint.names import OutTensor, check_against_hf, hf_expected, hf_map, identity_map
 from moe_merge.checkpoint.reader import DSCheckpoint, crc32
 from moe_merge.checkpoint.safe_load import CheckpointError, Record, pread_exact
+from moe_merge.merge import hf_files
 from moe_merge.merge.strategies import MergeError, select, strategy_weights
-from moe_merge.merge.writer import ShardWriter, atomic_dir, check_target, parse_size, plan_shards
+from moe_merge.merge.writer import (ShardWriter, atomic_dir, check_apart, check_target, parse_size,
+                                    plan_shards)
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("hf", "safetensors", "deepspeed")
 MANIFEST = "merge_manifest.json"
-WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 # Elements per accumulation chunk: 2 MiB of float64, which stays in a core's cache while every
 # input is added into it (whole-tensor passes run at memory speed, 3-7x slower here).
 CHUNK = 1 << 18
@@ -75,11 +75,38 @@ def plan(ckpts: Sequence[str | Path], strategy: str = "sma", alpha: float | None
     return chosen, strategy_weights(strategy, len(chosen), alpha, weights)
 
 
+def input_dirs(inputs: Sequence[str | Path], tags: Sequence[Tag] = (),
+               hf_dir: str | Path | None = None) -> list[tuple[Path, bool]]:
+    """The directories an output must stay apart from (see :func:`check_apart`), each with
+    whether outputs may lie inside it: every input tag, ``checkpoints/`` directory (or other
+    directory of tags) and the HF config directory, strictly; a run directory itself, which
+    may hold outputs beside its ``checkpoints/`` (``RUN/merged/NAME``)."""
+    dirs: list[tuple[Path, bool]] = []
+    for raw in inputs:
+        p = Path(raw)
+        if is_tag_dir(p):
+            dirs.append((p, False))
+            if p.parent.name == "checkpoints":
+                dirs += [(p.parent, False), (p.parent.parent, True)]
+        elif (p / "checkpoints").is_dir():
+            dirs += [(p, True), (p / "checkpoints", False)]
+        else:
+            dirs.append((p, False))
+    for t in tags:
+        dirs.append((t.path, False))
+        if t.run_dir is not None:
+            dirs += [(t.run_dir / "checkpoints", False), (t.run_dir, True)]
+    if hf_dir is not None:
+        dirs.append((Path(hf_dir), False))
+    return dirs
+
+
 def _hf_outs(r: DSCheckpoint, hf_dir: Path) -> list[OutTensor]:
     """The HF model's tensors, made from ``r``'s: named, fused and checked against the model
     that ``hf_dir``'s config builds."""
-    outs = hf_map(r.signature(), r.autoep_layers, r.preset)
-    expected, tied = hf_expected(hf_dir)
+    sig = r.signature()
+    outs = hf_map(sig, r.autoep_layers, r.preset)
+    expected, tied = hf_expected(hf_dir, sig)
     return check_against_hf(outs, expected, tied, hf_dir)
 
 
@@ -278,30 +305,41 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
     check_target(out, overwrite)
     shard_bytes = parse_size(max_shard_size)
     chosen, w = plan(ckpts, strategy, alpha, weights, last, every, tags)
-    readers = [DSCheckpoint(t.path, verify=verify, verify_async=True) for t in chosen]
-    _check_compatible(readers)
-    newest = readers[-1]
-    if source == "master":
-        for t, r in zip(chosen, readers):
-            if not r.has_master:
-                echo(f"warning: {t.path} has no optimizer partitions; reading its module weights"
-                     + (" (bf16, rounded)" if r.bf16 else ""))
-    shapes = newest.signature()
     hf_dir = hf_dir_for(chosen, hf_config)
-    if fmt == "hf":
-        if hf_dir is None:
-            raise MergeError(f"{chosen[-1].path}: no hf/config.json in the run directory; pass "
-                             "--hf-config DIR (a directory with the model's HF config.json)")
-        outs = _hf_outs(newest, hf_dir)
-    else:
-        outs = identity_map(shapes)
-    if fmt == "deepspeed" and source != "master":
-        raise MergeError("--format deepspeed writes fp32 master weights: use --source master")
+    check_apart(out, input_dirs(ckpts, chosen, hf_dir))  # before anything is opened
+    readers: list[DSCheckpoint] = []
+    try:
+        for t in chosen:
+            readers.append(DSCheckpoint(t.path, verify=verify, verify_async=True))
+        _check_compatible(readers)
+        newest = readers[-1]
+        if source == "master":
+            for t, r in zip(chosen, readers):
+                if not r.has_master:
+                    echo(f"warning: {t.path} has no optimizer partitions; reading its module "
+                         "weights" + (" (bf16, rounded)" if r.bf16 else ""))
+        shapes = newest.signature()
+        copies: list[hf_files.HFFile] = []
+        if fmt == "hf":
+            if hf_dir is None:
+                raise MergeError(f"{chosen[-1].path}: no hf/config.json in the run directory; "
+                                 "pass --hf-config DIR (a directory with the model's HF "
+                                 "config.json)")
+            outs = _hf_outs(newest, hf_dir)
+            copies = hf_files.plan_copy(hf_dir)
+            if rank == 0 and (left := hf_files.skipped(hf_dir)):
+                echo(f"note: not copied from {hf_dir} (not an HF config or tokenizer file): "
+                     f"{', '.join(left)}")
+        else:
+            outs = identity_map(shapes)
+        if fmt == "deepspeed" and source != "master":
+            raise MergeError("--format deepspeed writes fp32 master weights: use --source "
+                             "master")
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
 
-    echo(f"merging {len(chosen)} checkpoint(s) with {strategy if weights is None else 'explicit'}"
-         f"{f' alpha={alpha}' if strategy == 'ema' and weights is None else ''}"
-         f" -> {out} ({fmt})\n" + describe(chosen, w))
-    t0 = time.time()
     f32 = np.dtype(np.float32)
     shards = plan_shards([(o.name, o.shape, f32) for o in outs], shard_bytes)
     if world > 1:
@@ -313,15 +351,21 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
         mine, outs_mine = None, outs
     total_bytes = sum(math.prod(o.shape) * 4 for o in outs_mine)
     bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=total_bytes * len(readers), unit="B", unit_scale=True, desc="merge",
-                   file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
     sha: dict[str, str] = {}
     try:
         # Rank 0 owns the temporary directory (every rank writes its shards into it) and
         # moves it into place once every rank has finished without error.
         with (atomic_dir(out, overwrite) if rank == 0 else contextlib.nullcontext()) as tmp:
+            # said once the output could be created (a failure to create it is one line)
+            echo(f"merging {len(chosen)} checkpoint(s) with "
+                 f"{strategy if weights is None else 'explicit'}"
+                 f"{f' alpha={alpha}' if strategy == 'ema' and weights is None else ''}"
+                 f" -> {out} ({fmt})\n" + describe(chosen, w))
+            t0 = time.time()
+            if progress and rank == 0:
+                from tqdm import tqdm
+                bar = tqdm(total=total_bytes * len(readers), unit="B", unit_scale=True,
+                           desc="merge", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
             if world > 1:
                 box = [str(tmp) if rank == 0 else None]
                 dist.broadcast_object_list(box, src=0)
@@ -378,11 +422,7 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
                 "files": {name: {"sha256": digest} for name, digest in sorted(sha.items())},
             }
             if rank == 0:
-                if fmt == "hf":
-                    for f in sorted(hf_dir.iterdir()):
-                        if f.is_file() and not f.name.endswith(WEIGHT_FILES) \
-                                and f.name != MANIFEST and not f.name.endswith(".index.json"):
-                            shutil.copy2(f, tmp / f.name)
+                hf_files.copy_files(copies, tmp)
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if world > 1:
             dist.barrier()  # the output is in place when any rank returns

@@ -1,5 +1,12 @@
 """Outputs that appear atomically: a temporary directory beside the target, renamed into place
-only when complete; sharded safetensors written as the shards fill."""
+only when complete; sharded safetensors written as the shards fill.
+
+An output never touches its inputs: :func:`check_apart` refuses a target that is, contains or
+lies inside an input directory (symlinks resolved on both sides), before anything is created.
+A target that is a symlink is replaced as a link: ``--overwrite`` puts the new directory where
+the link was and removes the link, never what it points to. Parent directories created for a
+target are removed again when the output is not written.
+"""
 
 from __future__ import annotations
 
@@ -61,10 +68,69 @@ def clean_stale(target: Path) -> None:
 
 
 def check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not overwrite:
+    """Refuse an existing ``target`` without ``overwrite``, and one that is not a directory
+    (a dangling symlink counts as existing)."""
+    exists, is_dir = os.path.lexists(target), os.path.isdir(target)
+    if exists and not overwrite:
         raise MergeError(f"{target}: output exists (pass --overwrite to replace it)")
-    if target.exists() and not target.is_dir():
+    if exists and not is_dir:
         raise MergeError(f"{target}: exists and is not a directory")
+
+
+def check_apart(target: Path | str, inputs: list[tuple[Path, bool]]) -> None:
+    """Refuse an output ``target`` that overlaps an input directory: equal to one, containing
+    one, or lying inside one (unless that input's flag says its inside may hold outputs, as a
+    run directory's ``merged/`` does). Symlinks are resolved on both sides, so a target that is
+    a link to an input is refused like the input itself."""
+    target = Path(target)
+    real = Path(os.path.realpath(target))
+    for path, inside_ok in inputs:
+        other = Path(os.path.realpath(path))
+        if real == other:
+            how = "is"
+        elif real in other.parents:
+            how = "contains"
+        elif not inside_ok and other in real.parents:
+            how = "lies inside"
+        else:
+            continue
+        shown = f"{target}" + (f" ({real})" if Path(os.path.abspath(target)) != real else "")
+        raise MergeError(f"--out {shown} {how} the input {path}: an output must not replace, "
+                         "contain or lie inside its inputs (choose another --out)")
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    """Create ``parent`` and its missing ancestors; return those created, outermost first.
+    A directory that cannot be created is a one-line MergeError naming it."""
+    missing = []
+    p = parent
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            if os.path.isdir(d) and not os.path.islink(d):
+                continue  # made meanwhile by someone else: theirs, not ours to remove
+            _remove_created(created)
+            raise MergeError(f"{d}: exists and is not a directory") from None
+        except OSError as e:
+            _remove_created(created)
+            raise MergeError(f"{d}: cannot create the output's directory "
+                             f"({e.strerror or type(e).__name__})") from None
+        created.append(d)
+    return created
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the (still empty) directories :func:`_make_parents` created, innermost first."""
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            break  # not empty: something else was put there meanwhile; keep it and its parents
 
 
 class _Terminated(BaseException):
@@ -77,11 +143,16 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
     (exception, Ctrl-C, SIGTERM) it is removed and ``target`` is untouched."""
     target = Path(target).absolute()
     check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(target)
+    created = _make_parents(target.parent)
     tmp = _tmp_name(target)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        clean_stale(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        _remove_created(created)
+        raise MergeError(f"{target}: cannot create the output ({e.strerror or type(e).__name__})"
+                         ) from None
 
     def on_term(signum, frame):  # turn SIGTERM into an exception so the cleanup below runs
         raise _Terminated()
@@ -93,18 +164,27 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
         pass
     try:
         yield tmp
-        if target.exists():
+        if os.path.lexists(target):
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            if os.path.islink(old):  # the link is replaced, never what it points to
+                os.unlink(old)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
     except _Terminated:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
         raise SystemExit(143) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created(created)
         raise
     finally:
         if old_handler is not None:
