@@ -49,9 +49,18 @@ def safetensors_out(path: Path) -> dict[str, torch.Tensor]:
 
 
 def copy_tag(src: Path, dst_root: Path, name: str) -> Path:
+    """A copy of the tag ``src`` as ``dst_root/name`` (global_stepN): its meta.json dropped and
+    the step its model states store set to N, as a checkpoint saved at step N would hold."""
     dst = dst_root / name
     shutil.copytree(src, dst)
     (dst / "meta.json").unlink(missing_ok=True)  # the step then comes from the directory name
+    step = int(name[len("global_step"):])
+    for f in sorted(dst.glob("*model_states.pt")):
+        if f.name.startswith(("mp_rank_", "zero_pp_rank_")):
+            sd = torch.load(f, map_location="cpu", weights_only=False)
+            if sd.get("global_steps") != step:
+                sd["global_steps"] = step
+                torch.save(sd, f)
     return dst
 
 

@@ -1,18 +1,42 @@
-"""``moe-merge inspect``: what a checkpoint directory holds and whether it can be merged."""
+"""``moe-merge inspect``: what a checkpoint directory holds and whether it can be merged.
+
+Every check a merge makes of its inputs' layout is made here too (the reader's, the tag's
+sidecar and name, duplicate steps, matching tensors); a checkpoint that fails one is reported as
+"mergeable: NO" with the reason, never a traceback.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from moe_merge.checkpoint.discover import find_tags, hf_dir_for
+from moe_merge.checkpoint.discover import Tag, hf_dir_for, read_tag, tag_dirs
 from moe_merge.checkpoint.reader import DSCheckpoint
 from moe_merge.checkpoint.safe_load import CheckpointError
 
 
 def inspect(path: str | Path, verify: bool = False) -> dict:
-    tags = find_tags([path])
+    report = {"path": str(Path(path).resolve()), "tags": [], "hf_config": None,
+              "mergeable": False, "problems": []}
+    try:
+        dirs = tag_dirs(path)
+    except CheckpointError as e:
+        report["problems"].append(str(e))
+        return report
     rows, problems, signature, ref = [], [], None, None
-    for t in tags:
+    tags: list[Tag] = []
+    seen: dict[int, str] = {}
+    paths: set[Path] = set()
+    for d in dirs:
+        try:
+            t = read_tag(d)
+        except CheckpointError as e:
+            rows.append({"tag": d.name, "path": str(d), "step": -1, "tokens": None,
+                         "error": str(e)})
+            problems.append(str(e))
+            continue
+        if t.path in paths:
+            continue  # a symlink to a tag listed already
+        paths.add(t.path)
         row = {"tag": t.name, "path": str(t.path), "step": t.step, "tokens": t.tokens}
         try:
             c = DSCheckpoint(t.path, verify=verify)
@@ -21,6 +45,7 @@ def inspect(path: str | Path, verify: bool = False) -> dict:
             problems.append(str(e))
             rows.append(row)
             continue
+        tags.append(t)
         row.update({
             "step": t.step if t.step >= 0 else c.step,
             "zero_stage": c.zero_stage, "dp_size": c.dp_size, "ep_size": c.ep_size,
@@ -32,6 +57,11 @@ def inspect(path: str | Path, verify: bool = False) -> dict:
             "params": c.param_counts(), "bytes_on_disk": c.bytes_on_disk,
             "ds_version": c.model_state.get("ds_version"),
         })
+        c.close()
+        if row["step"] in seen:
+            problems.append(f"two checkpoints at step {row['step']}: {seen[row['step']]} and "
+                            f"{t.path}")
+        seen.setdefault(row["step"], str(t.path))
         sig = c.signature()
         if signature is None:
             signature, ref = sig, t.name
@@ -40,9 +70,12 @@ def inspect(path: str | Path, verify: bool = False) -> dict:
                         next(iter(set(sig) - set(signature)), "?"))
             problems.append(f"{t.name}: tensor {diff} differs from {ref}")
         rows.append(row)
+    rows.sort(key=lambda r: (r["step"], r["tag"]))
+    tags.sort(key=lambda t: (t.step, t.name))
     hf = hf_dir_for(tags, None)
-    return {"path": str(Path(path).resolve()), "tags": rows, "hf_config": str(hf) if hf else None,
-            "mergeable": not problems, "problems": problems}
+    report.update({"tags": rows, "hf_config": str(hf) if hf else None,
+                   "mergeable": not problems, "problems": problems})
+    return report
 
 
 def _size(n: int) -> str:
@@ -70,14 +103,16 @@ def render(report: dict) -> str:
     ok = [r for r in report["tags"] if "error" not in r]
     if ok:
         r = ok[-1]
+        files = r["fp32_master_files"]
         lines.append(f"  fp32 master weights: {r['master_source']}"
-                     + (f" ({', '.join(r['fp32_master_files'])})" if r["fp32_master_files"] else ""))
+                     + (f" ({', '.join(files)})" if files else ""))
         if r["num_experts"]:
             kind = ("native deepspeed.moe.layer.MoE" if r["moe_kind"] == "native"
                     else f"AutoEP preset {r['autoep_preset']}")
             lines.append(f"  MoE: {r['num_experts']} experts per layer, {kind}, expert parallel "
                          f"size {r['ep_size']}")
-    lines.append(f"  HF config: {report['hf_config'] or 'none (merge --format hf needs --hf-config)'}")
+    hf = report["hf_config"] or "none (merge --format hf needs --hf-config)"
+    lines.append(f"  HF config: {hf}")
     lines.append("  mergeable: yes" if report["mergeable"] else
                  "  mergeable: NO\n" + "\n".join(f"    - {p}" for p in report["problems"]))
     return "\n".join(lines)
