@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_merge import __version__
-from moe_merge.checkpoint.discover import Tag, find_tags, hf_dir_for, is_tag_dir
+from moe_merge.checkpoint.discover import MAX_STEP_DIGITS, Tag, find_tags, hf_dir_for, is_tag_dir
 from moe_merge.checkpoint.names import OutTensor, check_against_hf, hf_expected, hf_map, identity_map
 from moe_merge.checkpoint.reader import DSCheckpoint, crc32
 from moe_merge.checkpoint.safe_load import CheckpointError, Record, pread_exact
@@ -53,8 +53,9 @@ def _tag_filter(tags: Sequence[str | int] | None) -> list[int] | None:
     for t in tags:
         s = str(t).strip()
         s = s[len("global_step"):] if s.startswith("global_step") else s
-        if not s.isdigit():
-            raise MergeError(f"--tags: {t!r} is not a tag like global_step200 or a step number")
+        if not (s.isascii() and s.isdigit() and len(s) <= MAX_STEP_DIGITS):
+            raise MergeError(f"--tags: {str(t)[:40]!r} is not a tag like global_step200 or a "
+                             "step number")
         steps.append(int(s))
     return steps
 
@@ -65,14 +66,25 @@ def plan(ckpts: Sequence[str | Path], strategy: str = "sma", alpha: float | None
          ) -> tuple[list[Tag], list[float]]:
     """Select the checkpoints and compute their effective weights (nothing is read yet)."""
     found = find_tags(list(ckpts))
-    unknown = [t for t in found if t.step < 0]
-    if unknown:
-        found = sorted(
-            [t if t.step >= 0 else Tag(t.path, DSCheckpoint(t.path).step, t.run_dir, t.meta)
-             for t in found], key=lambda t: t.step)
-    by_step = {t.step: t for t in found}
+    if any(t.step < 0 for t in found):  # steps stored only in the model states (e.g. Accelerate)
+        found = sorted([t if t.step >= 0 else Tag(t.path, _stored_step(t.path), t.run_dir, t.meta)
+                        for t in found], key=lambda t: t.step)
+    by_step: dict[int, Tag] = {}
+    for t in found:
+        if t.step in by_step:
+            raise CheckpointError(f"two checkpoints at step {t.step}: {by_step[t.step].path} and "
+                                  f"{t.path}")
+        by_step[t.step] = t
     chosen = [by_step[s] for s in select(list(by_step), last, every, _tag_filter(tags))]
     return chosen, strategy_weights(strategy, len(chosen), alpha, weights)
+
+
+def _stored_step(tag_dir: Path) -> int:
+    r = DSCheckpoint(tag_dir, verify=False)
+    try:
+        return r.step
+    finally:
+        r.close()
 
 
 def input_dirs(inputs: Sequence[str | Path], tags: Sequence[Tag] = (),
@@ -188,13 +200,14 @@ def _axpy(acc: np.ndarray, x: np.ndarray, w: float, wide: np.ndarray) -> None:
     """``acc += w * x`` in float64 (``x`` float32), ``wide`` a float64 scratch buffer; the one
     place the weighted sum is computed, so every path rounds alike."""
     step = len(wide)
-    for i in range(0, len(x), step):
-        t = wide[:min(step, len(x) - i)]
-        np.copyto(t, x[i:i + len(t)])  # widened first: the product is a float64 one
-        if w != 1.0:
-            np.multiply(t, w, out=t)
-        dst = acc[i:i + len(t)]
-        np.add(dst, t, out=dst)
+    with np.errstate(all="ignore"):  # a non-finite result is found by the caller's sum
+        for i in range(0, len(x), step):
+            t = wide[:min(step, len(x) - i)]
+            np.copyto(t, x[i:i + len(t)])  # widened first: the product is a float64 one
+            if w != 1.0:
+                np.multiply(t, w, out=t)
+            dst = acc[i:i + len(t)]
+            np.add(dst, t, out=dst)
 
 
 def _accumulate_chunked(acc: np.ndarray, segs: list[list[Segment]], weights: list[float],
@@ -236,8 +249,9 @@ def _accumulate_chunked(acc: np.ndarray, segs: list[list[Segment]], weights: lis
                     note(rec, pos, len(view), crc32(view))
                 _axpy(a[lo - c0:hi - c0], stage[:hi - lo], w, wide)
                 j += 1
-        out[c0:c1] = a
-        total += float(a.sum())
+        with np.errstate(all="ignore"):  # overflow in the rounding or the sum: not finite
+            out[c0:c1] = a
+            total += float(a.sum())
     return total
 
 
@@ -312,6 +326,9 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma"
         for t in chosen:
             readers.append(DSCheckpoint(t.path, verify=verify, verify_async=True))
         _check_compatible(readers)
+        for r in readers:
+            if source == "module" or not r.has_master:
+                r.check_module()  # every module weight checked before a line is said
         newest = readers[-1]
         if source == "master":
             for t, r in zip(chosen, readers):
