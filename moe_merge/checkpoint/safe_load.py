@@ -179,17 +179,29 @@ def real_path(path: Path | str, root: Path | str | None = None) -> Path:
     """``path`` with every symlink resolved; with ``root``, refused unless it lies inside
     ``root``'s real path (a symlink must not lead a checkpoint out of its directory)."""
     path = Path(path)
+    if root is None:
+        return Path(os.path.realpath(path))
+    top = Path(os.path.realpath(root))
+    if path.parent == Path(root) and path.name not in ("", ".", ".."):
+        try:  # the usual case, a plain entry of the root: one lstat instead of a realpath
+            if not stat.S_ISLNK(os.lstat(path).st_mode):
+                return top / path.name
+        except OSError:
+            pass  # resolved below; open() then says what is wrong
     real = Path(os.path.realpath(path))
-    if root is not None:
-        top = Path(os.path.realpath(root))
-        if real != top and top not in real.parents:
-            raise CheckpointError(f"{path}: a symlink to {real}, outside {root}: refused")
+    if real != top and top not in real.parents:
+        raise CheckpointError(f"{path}: a symlink to {real}, outside {root}: refused")
     return real
 
 
 def open_regular(path: Path | str, root: Path | str | None = None) -> int:
     """A read-only file descriptor of ``path``, only if it is a regular file (inside ``root``
     when given). FIFOs, devices and sockets are refused without blocking on them."""
+    return _open(path, root)[0]
+
+
+def _open(path: Path | str, root: Path | str | None = None) -> tuple[int, Path]:
+    """:func:`open_regular`, and the real path it opened."""
     real = real_path(path, root)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
         | getattr(os, "O_CLOEXEC", 0)
@@ -209,7 +221,7 @@ def open_regular(path: Path | str, root: Path | str | None = None) -> int:
     except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, real
 
 
 def read_small(path: Path | str, root: Path | str | None = None,
@@ -418,8 +430,7 @@ def load(path: Path | str, root: Path | str | None = None) -> dict[str, Any]:
     """One checkpoint file's structure, tensors as :class:`LazyTensor` (nothing read).
     ``root``: the directory the file must lie in (symlinks resolved)."""
     path = Path(path)
-    fd = open_regular(path, root)
-    real = real_path(path)
+    fd, real = _open(path, root)
     try:
         with os.fdopen(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
