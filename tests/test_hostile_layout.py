@@ -280,7 +280,7 @@ def test_partitions_must_cover_each_parameter_exactly_once(copies, capsys):
     refused(capsys, tag, MODEL, EMBED, "expected [2048, 128]")
     tag = copies("moe_z2")  # two groups viewing the same bytes
     edit(tag / OPTIM0, FLATS, lambda v: [v[0], v[0][:224], *v[2:]])
-    refused(capsys, tag, OPTIM0, "shares its bytes")
+    refused(capsys, tag, OPTIM0, "share bytes")
     tag = copies("moe_z3")
     edit(tag / OPTIM1, Z3_GROUPS + [0, "partition_rank"], 0)
     refused(capsys, tag, EMBED, "ranks [0, 0]")

@@ -193,6 +193,45 @@ def _check_crc(record: Record, pieces: list[tuple[int, int, int]] | None = None,
                               "(corrupted file)")
 
 
+def _check_views(path: Path, obj: Any) -> None:
+    """Refuse tensors a DeepSpeed checkpoint never holds, whose values would not be their own:
+    a non-contiguous tensor (an overlapping or strided view of its record), or two tensors whose
+    bytes overlap (one parameter read through another's record). Views of one record at
+    disjoint places are fine (ZeRO-1/2 module weights are views of one flat buffer), and so is
+    the same view under two module names that the file's ``shared_params`` ties together."""
+    shared = obj.get("shared_params") if isinstance(obj, dict) else None
+    tied = {frozenset((f"module.{a}", f"module.{b}")) for a, b in shared.items()} \
+        if isinstance(shared, dict) else set()
+    views: dict[Record, dict[tuple, str]] = {}
+    todo: list[tuple[Any, str]] = [(obj, "")]
+    while todo:
+        x, key = todo.pop()
+        if isinstance(x, dict):
+            todo.extend((v, f"{key}.{k}" if key else str(k)) for k, v in x.items())
+        elif isinstance(x, (list, tuple)):
+            todo.extend((v, f"{key}.{i}") for i, v in enumerate(x))
+        elif isinstance(x, LazyTensor) and x.numel():
+            if not x.is_contiguous():
+                raise CheckpointError(f"{path}: tensor {_short(key)} is a strided view of its "
+                                      "record, not a contiguous tensor: refused")
+            same = views.setdefault(x.record, {})
+            view = (x.storage_offset, x.shape)
+            if view in same and frozenset((same[view], key)) not in tied:
+                raise CheckpointError(f"{path}: tensors {_short(same[view])} and {_short(key)} "
+                                      f"share bytes of record {x.record.name}: refused")
+            same.setdefault(view, key)
+    for record, same in views.items():
+        spans = sorted((off, off + math.prod(shape), key) for (off, shape), key in same.items())
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise CheckpointError(f"{path}: tensors {_short(a)} and {_short(b)} share bytes "
+                                      f"of record {record.name}: refused")
+
+
+def _short(key: str) -> str:
+    return key if len(key) <= 120 else key[:117] + "..."
+
+
 def _name_ok(name: Any) -> bool:
     return isinstance(name, str) and 0 < len(name) <= MAX_NAME and name.isprintable()
 
@@ -524,7 +563,9 @@ class DSCheckpoint:
 
     def _load(self, fname: str) -> dict:
         if fname not in self._files:
-            self._files[fname] = load(self.dir / fname, root=self.dir)
+            obj = load(self.dir / fname, root=self.dir)
+            _check_views(self.dir / fname, obj)
+            self._files[fname] = obj
         return self._files[fname]
 
     # ---- checked values ------------------------------------------------------------------

@@ -33,6 +33,7 @@ import os
 import stat
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -464,7 +465,8 @@ def load(path: Path | str, root: Path | str | None = None) -> dict[str, Any]:
             raise CheckpointError(f"{path}: refused, the file asks to run code or build objects "
                                   f"that a checkpoint does not need ({first})") from None
         raise CheckpointError(f"{path}: refused, not a checkpoint structure ({first})") from None
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, TypeError,
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, ValueError,
+            TypeError,
             KeyError, IndexError, AttributeError, struct.error, RuntimeError,
             NotImplementedError, OverflowError, MemoryError, RecursionError, LookupError) as e:
         raise CheckpointError(f"{path}: truncated or corrupted ({_first_line(e)})") from None

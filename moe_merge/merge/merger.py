@@ -117,7 +117,11 @@ def _hf_outs(r: DSCheckpoint, hf_dir: Path) -> list[OutTensor]:
     """The HF model's tensors, made from ``r``'s: named, fused and checked against the model
     that ``hf_dir``'s config builds."""
     sig = r.signature()
-    outs = hf_map(sig, r.autoep_layers, r.preset)
+    try:
+        outs = hf_map(sig, r.autoep_layers, r.preset)
+    except (CheckpointError, KeyError, TypeError, IndexError) as e:  # from the model states
+        why = str(e) if isinstance(e, CheckpointError) else f"ds_autoep_layers: {e!r}"[:200]
+        raise CheckpointError(f"{r.dir / r.model_file}: {why}") from None
     expected, tied = hf_expected(hf_dir, sig)
     return check_against_hf(outs, expected, tied, hf_dir)
 
