@@ -185,6 +185,9 @@ def test_build_retargeting_a_real_master_partition_is_refused_by_merge(tmp_path,
     assert rc == 2 and len(err) == 1 and optim.name in err[0] and "BUILD" in err[0], err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     assert before == {p: p.read_bytes() for t in tags for p in t.iterdir()}
+    rc = main(["inspect", str(tmp_path / "ckpt")])
+    report = capsys.readouterr().out
+    assert rc == 1 and "mergeable: NO" in report and "BUILD" in report, report
 
 
 def test_code_and_objects_a_checkpoint_does_not_need_are_refused(tmp_path):
