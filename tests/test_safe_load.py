@@ -96,7 +96,7 @@ def test_only_allowlisted_globals_are_resolved(tmp_path):
         load(tmp_path / "evil.pt")
     assert not marker.exists()
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
-    with pytest.raises(CheckpointError, match="junk.pt: truncated or corrupted"):
+    with pytest.raises(CheckpointError, match="junk.pt: not a torch.save zip archive"):
         load(tmp_path / "junk.pt")
 
 
@@ -327,3 +327,49 @@ def test_big_endian_archives_are_refused(tmp_path):
         for fname, data in records:
             zf.writestr(fname, b"big" if fname.endswith("/byteorder") else data)
     _refused(tmp_path / "be.pt", "big-endian")
+
+
+def test_a_pickle_before_the_archive_is_refused(tmp_path):
+    """torch.load unpickles a file that does not start with a zip record from byte 0 (with
+    DeepSpeed: weights_only=False); Python's zipfile would skip such a prefix and find the
+    archive behind it. The file is refused, and so is an archive with a name twice."""
+    marker = tmp_path / "ran"
+    path = _tensor_file(tmp_path)
+    cmd = f"touch {marker}".encode()
+    payload = (b"\x80\x02cos\nsystem\nX" + len(cmd).to_bytes(4, "little") + cmd + b"\x85R.")
+    bad = tmp_path / "prefixed.pt"
+    bad.write_bytes(payload + path.read_bytes())
+    _refused(bad, "does not start with a zip record")
+    name, pkl = crafted.archive_pickle(path)
+    with zipfile.ZipFile(path) as zf, zipfile.ZipFile(tmp_path / "twice.pt", "w") as out:
+        for info in zf.infolist():
+            out.writestr(info.filename, zf.read(info))
+        with pytest.warns(UserWarning):  # zipfile: "Duplicate name"
+            out.writestr(name, pkl)
+    _refused(tmp_path / "twice.pt", "a name twice")
+    assert not marker.exists()
+
+
+def test_hashing_and_copies_cannot_be_made_expensive(tmp_path):
+    path = _tensor_file(tmp_path)
+    _, pkl = crafted.archive_pickle(path)
+    big = pickle.BINBYTES + struct.pack("<I", 1 << 20) + b"x" * (1 << 20)
+    cases = {
+        # a million-deep tuple: hashing it (as a key, in a set) would overflow the C stack
+        "deep tuple": (pickle.MARK + pickle.NONE + pickle.TUPLE1 * 100_000 + pickle.FROZENSET
+                       + pickle.POP),
+        # integers built to collide in a set: quadratic insertion
+        "colliding integers": (pickle.MARK + b"".join(
+            pickle.LONG1 + b"\x10" + (k * ((1 << 61) - 1)).to_bytes(16, "little", signed=True)
+            for k in range(1, 200)) + pickle.FROZENSET + pickle.POP),
+        # one megabyte copied 3000 times by an allowed callable
+        "copies": (pickle.EMPTY_LIST + pickle.MARK + big + pickle.BINPUT + b"\x01" + pickle.POP
+                   + b"".join(crafted.global_("builtins", "bytearray") + pickle.BINGET + b"\x01"
+                              + pickle.TUPLE1 + pickle.REDUCE for _ in range(3000))
+                   + pickle.APPENDS + pickle.POP),
+    }
+    for what, extra in cases.items():
+        bad = crafted.rewrite(path, crafted.before_stop(pkl, extra), tmp_path / "bad.pt")
+        msg = _refused(bad, "refused, not a checkpoint structure")
+        assert {"deep tuple": "deeper", "colliding integers": "64 bits",
+                "copies": "elements"}[what] in msg, msg

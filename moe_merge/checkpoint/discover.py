@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_merge.checkpoint.safe_load import CheckpointError, LazyTensor, read_small
+from moe_merge.checkpoint.safe_load import CheckpointError, LazyTensor, read_small, real_path
 
 TAG_RE = re.compile(r"^global_step([0-9]+)$")
 MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -198,5 +198,6 @@ def hf_dir_for(tags: list[Tag], hf_config: str | Path | None) -> Path | None:
         return p
     for t in reversed(tags):
         if t.run_dir is not None and (t.run_dir / "hf" / "config.json").is_file():
+            real_path(t.run_dir / "hf", t.run_dir)  # a run's hf/ may not lead out of the run
             return t.run_dir / "hf"
     return None

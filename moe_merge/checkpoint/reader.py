@@ -204,8 +204,13 @@ def _check_views(path: Path, obj: Any) -> None:
         if isinstance(shared, dict) else set()
     views: dict[Record, dict[tuple, str]] = {}
     todo: list[tuple[Any, str]] = [(obj, "")]
+    seen: set[int] = set()  # a container reached twice is walked once (the pickle may share)
     while todo:
         x, key = todo.pop()
+        if isinstance(x, (dict, list, tuple)):
+            if id(x) in seen:
+                continue
+            seen.add(id(x))
         if isinstance(x, dict):
             todo.extend((v, f"{key}.{k}" if key else str(k)) for k, v in x.items())
         elif isinstance(x, (list, tuple)):

@@ -241,8 +241,8 @@ def read_small(path: Path | str, root: Path | str | None = None,
 def _ints(values, what: str) -> tuple[int, ...]:
     if not isinstance(values, (tuple, list)) or len(values) > MAX_DIMS:
         raise unpickle.Error(f"{what}: not a tuple of at most {MAX_DIMS} integers")
-    if not all(type(v) is int for v in values):
-        raise unpickle.Error(f"{what}: not integers")
+    if not all(type(v) is int and 0 <= v < 1 << 62 for v in values):
+        raise unpickle.Error(f"{what}: not integers in [0, 2**62)")
     return tuple(values)
 
 
@@ -267,8 +267,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_):
             or any(s < 0 for s in shape) or any(s < 0 for s in stride):
         raise unpickle.Error(f"tensor with a negative offset, size or stride in {rec.name}")
     elements = rec.nbytes // rec.itemsize
-    if math.prod(shape) > elements or storage_offset + _span(shape, stride) > elements \
-            and math.prod(shape):
+    if math.prod(shape) > elements or (math.prod(shape)
+                                       and storage_offset + _span(shape, stride) > elements):
         raise unpickle.Error(f"tensor of shape {list(shape)} at element {storage_offset} "
                              f"overruns its record {rec.name} ({elements} elements)")
     return LazyTensor(rec, storage_offset, shape, stride)
@@ -435,14 +435,25 @@ def load(path: Path | str, root: Path | str | None = None) -> dict[str, Any]:
     try:
         with os.fdopen(fd, "rb") as f:
             size = os.fstat(f.fileno()).st_size
+            if f.read(4) != b"PK\x03\x04":  # what torch.load tests: else it unpickles byte 0
+                raise CheckpointError(f"{path}: not a torch.save zip archive (it does not start "
+                                      "with a zip record): refused")
             with zipfile.ZipFile(f) as zf:
-                pkls = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")
-                        and i.filename.count("/") == 1]
-                if len(pkls) != 1:
+                infos = zf.infolist()
+                names = [i.filename for i in infos]
+                # the archive as torch's reader sees it: from byte 0 (no bytes before the first
+                # record, which Python's zipfile would skip), named by its first entry, each
+                # name once (readers disagree on which of two entries of one name is meant)
+                if not infos or min(i.header_offset for i in infos) != 0 \
+                        or len(set(names)) != len(names):
+                    raise CheckpointError(f"{path}: a zip archive with bytes before its first "
+                                          "record or a name twice: refused")
+                prefix = names[0].split("/", 1)[0] + "/"
+                pkls = [i for i in infos if i.filename == f"{prefix}data.pkl"]
+                if len(pkls) != 1 or sum(n.endswith("/data.pkl") for n in names) != 1:
                     raise CheckpointError(f"{path}: not a torch.save file (no single "
                                           "<archive>/data.pkl record)")
                 info = pkls[0]
-                prefix = info.filename[:-len("data.pkl")]
                 if info.file_size > MAX_PICKLE_BYTES or info.compress_size > size:
                     raise CheckpointError(f"{path}: data.pkl declares {info.file_size} bytes, "
                                           f"more than the {MAX_PICKLE_BYTES} a checkpoint needs")

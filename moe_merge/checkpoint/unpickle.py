@@ -14,8 +14,10 @@ a function's defaults), and an allowed callable can be called with any argument
   dicts, lists and sets (every one on the stack was built by the pickle: the allowed globals
   are immutable markers and functions, and the callables return fresh objects);
 - the cost is bounded: at most :data:`MAX_OBJECTS` objects and :data:`MAX_ELEMENTS` container
-  elements, integers of at most :data:`MAX_INT_BYTES` bytes, nesting at most :data:`MAX_DEPTH`
-  deep and no cycles, so parsing costs time and memory linear in the pickle's size.
+  elements (what an allowed callable or a BUILD copies counts too), integers of at most
+  :data:`MAX_INT_BYTES` bytes, nesting at most :data:`MAX_DEPTH` deep (tuples as they are
+  built, the rest at the end) and no cycles; dict keys and set items are text, bytes, bools,
+  None, 64-bit integers or tuples of those, so no crafted hash collisions make them quadratic.
 
 Any violation raises :class:`pickle.UnpicklingError` with a one-line reason. Opcodes no
 checkpoint needs (INST, OBJ, EXT*, PERSID in text form, out-of-band buffers) are refused.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import codecs
 import collections
 import pickle
+import re
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -63,7 +66,9 @@ class StandIn:
     the reader like any other value."""
 
 
-_KEYS = {str, int, float, bool, type(None), tuple, bytes}
+_KEYS = {str, bool, type(None), bytes}  # plus 64-bit ints and tuples (Interpreter._hashables)
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_DECIMAL = re.compile(rb"-?(0|[1-9][0-9]*)")
 _WALK = {dict, collections.OrderedDict, list, tuple, set, frozenset}
 
 
@@ -78,6 +83,8 @@ class Interpreter:
         self.persistent_load = persistent_load
         self.objects = 0
         self.elements = 0
+        self.depth: dict[int, int] = {}  # id -> nesting of the tuples that hold tuples
+        self.keep: list[tuple] = []
 
     # ---- bookkeeping ------------------------------------------------------------------
     def _new(self, obj):
@@ -196,15 +203,15 @@ class Interpreter:
             elif op == 0x74:  # TUPLE
                 items = pop_mark()
                 grow(len(items))
-                push(self._new(tuple(items)))
+                push(self._tuple(items))
             elif op in (0x85, 0x86, 0x87):  # TUPLE1..3
                 k = op - 0x84
                 if len(stack) < k:
                     raise Error("TUPLE on a short stack")
-                items = tuple(stack[-k:])
+                items = stack[-k:]
                 del stack[-k:]
                 grow(k)
-                push(self._new(items))
+                push(self._tuple(items))
             elif op == 0x29:  # EMPTY_TUPLE
                 push(())
             elif op == 0x52:  # REDUCE
@@ -324,18 +331,12 @@ class Interpreter:
             elif op == 0x91:  # FROZENSET
                 items = pop_mark()
                 grow(len(items))
-                try:
-                    push(self._new(frozenset(items)))
-                except TypeError:
-                    raise Error("unhashable set item") from None
+                push(self._new(frozenset(self._hashables(items, "set item"))))
             elif op == 0x90:  # ADDITEMS
                 items = pop_mark()
                 target = self._container(stack[-1], (set,), "ADDITEMS")
-                try:
-                    target.update(items)
-                except TypeError:
-                    raise Error("unhashable set item") from None
                 grow(len(items))
+                target.update(self._hashables(items, "set item"))
             elif op in (0x49, 0x4c):  # INT, LONG (text)
                 text = line().rstrip(b"L")
                 push(text == b"01" if text in (b"00", b"01") else self._text_int(text))
@@ -371,12 +372,11 @@ class Interpreter:
     # ---- helpers ----------------------------------------------------------------------
     @staticmethod
     def _text_int(line: bytes) -> int:
-        if len(line) > MAX_TEXT_INT:
-            raise Error("text integer too long")
-        try:
-            return int(line)
-        except ValueError:
-            raise Error("bad text integer") from None
+        """A decimal text integer; leading zeros (octal to C's strtol, which Python's own
+        unpickler uses) and other bases are refused, so every reader sees one value."""
+        if len(line) > MAX_TEXT_INT or not _DECIMAL.fullmatch(line):
+            raise Error("bad text integer")
+        return int(line)
 
     def _setitems(self, target, items: list) -> None:
         if len(items) % 2:
@@ -385,14 +385,38 @@ class Interpreter:
         self.elements += len(items) // 2
         if self.elements > MAX_ELEMENTS:
             raise Error(f"more than {MAX_ELEMENTS} container elements: not a checkpoint structure")
-        for k in range(0, len(items), 2):
-            key = items[k]
-            if type(key) not in _KEYS:
-                raise Error(f"dict key of type {type(key).__name__}")
-            try:
-                target[key] = items[k + 1]
-            except TypeError:
-                raise Error("unhashable dict key") from None
+        keys = self._hashables(items[0::2], "dict key")
+        for key, value in zip(keys, items[1::2]):
+            target[key] = value
+
+    def _tuple(self, items: list) -> tuple:
+        """A tuple, its nesting tracked as it is built: hashing or printing a tuple nested a
+        million deep would overflow the C stack before any later check could refuse it."""
+        depth = 1 + max((self.depth.get(id(c), 1) for c in items if type(c) is tuple),
+                        default=0)
+        if depth > MAX_DEPTH:
+            raise Error(f"nested deeper than {MAX_DEPTH} levels")
+        t = self._new(tuple(items))
+        if depth > 1:
+            self.depth[id(t)] = depth
+            self.keep.append(t)  # its id stays its own
+        return t
+
+    @staticmethod
+    def _hashables(items, what: str) -> list:
+        """``items`` if each is a key a checkpoint uses: text, bytes, a bool, None or a 64-bit
+        integer, or a tuple of those (hash-flooding a dict or a set with crafted colliding
+        integers or floats would make it quadratic)."""
+        for x in items:
+            kind = type(x)
+            if kind is tuple:
+                Interpreter._hashables(x, what)
+            elif kind is int:
+                if not _INT64[0] <= x <= _INT64[1]:
+                    raise Error(f"{what}: an integer beyond 64 bits")
+            elif kind not in _KEYS:
+                raise Error(f"{what} of type {kind.__name__}")
+        return list(items)
 
     def _global(self, module: str, name: str) -> Global:
         g = self.globals.get((module, name))
@@ -407,6 +431,11 @@ class Interpreter:
             raise Error(f"REDUCE of {func.name} with a {type(args).__name__} of arguments")
         try:
             result = func.call(*args)
+            if isinstance(result, (str, bytes, bytearray, tuple, list, dict, set, frozenset)):
+                self.elements += len(result)  # a copy of the argument: counted like one built
+                if self.elements > MAX_ELEMENTS:
+                    raise Error(f"more than {MAX_ELEMENTS} container elements: not a "
+                                "checkpoint structure")
         except Error:
             raise
         except (TypeError, ValueError, OverflowError, KeyError, IndexError) as e:
@@ -421,9 +450,14 @@ class Interpreter:
                     raise Error("BUILD with slot state")
             if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
                 raise Error(f"BUILD of {type(target).__name__} with a non-dict state")
+            self.elements += len(state)
+            if self.elements > MAX_ELEMENTS:
+                raise Error(f"more than {MAX_ELEMENTS} container elements: not a checkpoint "
+                            "structure")
             target.__dict__.update(state)
         elif type(target) in (dict, collections.OrderedDict):
-            if not isinstance(state, dict):  # torch's OrderedDict._metadata: not needed, dropped
+            # torch keeps a state dict's _metadata (per-module versions) here: not needed, dropped
+            if not isinstance(state, dict):
                 raise Error("BUILD of a dict with a non-dict state")
         else:
             raise Error(f"BUILD on a {type(target).__name__}: only objects the pickle built "
