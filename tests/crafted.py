@@ -66,3 +66,28 @@ def str_dict(items: dict) -> bytes:
     for k, v in items.items():
         body += unicode(k) + (unicode(v) if isinstance(v, str) else int_(v))
     return pickle.EMPTY_DICT + pickle.MARK + body + pickle.SETITEMS
+
+
+def poke_records(path: Path, value: bytes) -> None:
+    """Overwrite the first bytes of every tensor record of a torch zip file in place."""
+    with zipfile.ZipFile(path) as z:
+        infos = [i for i in z.infolist() if "/data/" in i.filename and i.file_size >= len(value)]
+    with open(path, "r+b") as f:
+        for info in infos:
+            f.seek(info.header_offset + 26)
+            name_len = int.from_bytes(f.read(2), "little")
+            extra_len = int.from_bytes(f.read(2), "little")
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            f.write(value)
+
+
+def flatten(obj, prefix=""):
+    """``(dotted key, leaf)`` of nested dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from flatten(v, f"{prefix}{k}.")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from flatten(v, f"{prefix}{i}.")
+    else:
+        yield prefix.rstrip("."), obj

@@ -17,6 +17,7 @@ import time
 import warnings
 import zipfile
 
+import crafted
 import fuzzing
 import pytest
 import torch
@@ -60,23 +61,12 @@ def test_rewritten_pickle_keeps_the_archive_consistent(runs, tmp_path):
                     assert (info.header_offset - offset) % 64 == 0  # records stay aligned
         if not deflate:  # torch reads it as the original (its reader wants stored records)
             with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-                got, want = (dict(_flatten(torch.load(p, weights_only=True)))
+                got, want = (dict(crafted.flatten(torch.load(p, weights_only=True)))
                              for p in (out, src))
             assert got.keys() == want.keys()
             tensors = [k for k, v in want.items() if isinstance(v, torch.Tensor)]
             assert len(tensors) > 5
             assert all(torch.equal(got[k], want[k]) for k in tensors)
-
-
-def _flatten(obj, prefix=""):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _flatten(v, f"{prefix}{k}.")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _flatten(v, f"{prefix}{i}.")
-    else:
-        yield prefix.rstrip("."), obj
 
 
 def test_cases_replay_alone_and_differ(runs, tmp_path):

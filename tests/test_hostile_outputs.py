@@ -15,9 +15,9 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
+import crafted
 import pytest
 
 from conftest import REPO, run_cli
@@ -322,23 +322,10 @@ def test_an_hf_config_that_disagrees_with_the_checkpoint_costs_nothing(trained, 
 
 
 # ---- what a failed or replacing merge leaves behind ---------------------------------------------
-def _poke_records(path: Path, value: bytes) -> None:
-    """Overwrite the first bytes of every tensor record of a torch zip file in place."""
-    with zipfile.ZipFile(path) as z:
-        infos = [i for i in z.infolist() if "/data/" in i.filename and i.file_size >= len(value)]
-    with open(path, "r+b") as f:
-        for info in infos:
-            f.seek(info.header_offset + 26)
-            name_len = int.from_bytes(f.read(2), "little")
-            extra_len = int.from_bytes(f.read(2), "little")
-            f.seek(info.header_offset + 30 + name_len + extra_len)
-            f.write(value)
-
-
 def test_a_failed_merge_into_a_new_deep_out_leaves_no_directories(trained, tmp_path, capsys):
     r = small_run(trained, tmp_path / "run", steps=(8,))
-    _poke_records(r / "checkpoints" / "global_step8" / "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-                  b"\x00\x00\xc0\x7f")  # NaN: found while the tensors are merged
+    optim = r / "checkpoints" / "global_step8" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    crafted.poke_records(optim, b"\x00\x00\xc0\x7f")  # NaN: found while the tensors are merged
     (tmp_path / "outs").mkdir()
     (tmp_path / "file").write_text("x")
     if os.geteuid() == 0:

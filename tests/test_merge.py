@@ -10,9 +10,9 @@ import shutil
 import signal
 import subprocess
 import time
-import zipfile
 from pathlib import Path
 
+import crafted
 import pytest
 import torch
 
@@ -311,7 +311,7 @@ def test_missing_truncated_and_corrupted_files_are_refused(trained, tmp_path):
     (truncated / optim).write_bytes(data[: len(data) // 2])
     _one_line_error(cli("merge", truncated, "--out", tmp_path / "o2", *sd), optim, "truncated")
     corrupted = copy_tag(src, tmp_path / "c", "global_step8")
-    _poke_records(corrupted / optim, b"\x00\x00\xc0\x7f")  # NaN into every tensor record
+    crafted.poke_records(corrupted / optim, b"\x00\x00\xc0\x7f")  # NaN into every tensor record
     _one_line_error(cli("merge", corrupted, "--out", tmp_path / "o3", *sd), optim, "CRC-32")
     # Without the CRC check, the NaN values themselves are refused ...
     _one_line_error(cli("merge", corrupted, "--out", tmp_path / "o4", "--no-verify", *sd),
@@ -322,19 +322,6 @@ def test_missing_truncated_and_corrupted_files_are_refused(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
     assert (src / optim).stat().st_size == len(data)  # inputs untouched
-
-
-def _poke_records(path: Path, value: bytes) -> None:
-    """Overwrite the first bytes of every tensor record of a torch zip file in place."""
-    with zipfile.ZipFile(path) as z:
-        infos = [i for i in z.infolist() if "/data/" in i.filename and i.file_size >= len(value)]
-    with open(path, "r+b") as f:
-        for info in infos:
-            f.seek(info.header_offset + 26)
-            name_len = int.from_bytes(f.read(2), "little")
-            extra_len = int.from_bytes(f.read(2), "little")
-            f.seek(info.header_offset + 30 + name_len + extra_len)
-            f.write(value)
 
 
 def test_a_pickle_that_runs_code_is_never_executed(tmp_path):

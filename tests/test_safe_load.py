@@ -18,17 +18,6 @@ from moe_merge.checkpoint.reader import _check_crc, crc32
 from moe_merge.checkpoint.safe_load import CheckpointError, LazyTensor, load
 
 
-def _flatten(obj, prefix=""):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _flatten(v, f"{prefix}{k}.")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _flatten(v, f"{prefix}{i}.")
-    else:
-        yield prefix.rstrip("."), obj
-
-
 def test_lazy_tensors_read_back_what_torch_load_reads(tmp_path):
     flat = torch.randn(1000)
     state = {
@@ -41,8 +30,8 @@ def test_lazy_tensors_read_back_what_torch_load_reads(tmp_path):
     }
     path = tmp_path / "f.pt"
     torch.save(state, path)
-    want = dict(_flatten(torch.load(path, weights_only=True)))
-    got = dict(_flatten(load(path)))
+    want = dict(crafted.flatten(torch.load(path, weights_only=True)))
+    got = dict(crafted.flatten(load(path)))
     assert set(got) == set(want)
     for key, w in want.items():
         g = got[key]
