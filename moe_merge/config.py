@@ -167,7 +167,7 @@ class PMAMonitorConfig:
     """At every checkpoint, merge the latest checkpoints in memory, evaluate the merged weights
     on the fixed validation batches and log pma/val_loss: the predicted annealed loss."""
     strategy: str = "sma"
-    """sma, wma or ema (PAPER.md)."""
+    """sma, wma or ema (arXiv 2505.12082)."""
     n: int = 4
     """Checkpoints merged (the paper's N)."""
     interval: int = 1

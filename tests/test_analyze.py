@@ -98,7 +98,7 @@ def test_quadratic_model_matches_exact_second_order_terms(weights):
 
 
 def test_sma_gain_is_the_papers_cross_term_condition():
-    """For SMA the gain is (1/2k²)[(k−1)Σ D_ii − Σ_(i≠j) D_ij] (PAPER.md's mechanism)."""
+    """For SMA the gain is (1/2k²)[(k−1)Σ D_ii − Σ_(i≠j) D_ij] (the paper's mechanism)."""
     model = torch.nn.Linear(4, 2).double()
     pts = _points(model, 5, 0.3, seed=3)
     t = second_order(model, pts, [0.2] * 5, _data(4, d_in=4, d_out=2), _sq_loss,

@@ -394,7 +394,7 @@ def test_an_interrupted_merge_leaves_no_output(sig, trained, tmp_path):
 
 
 def test_merged_model_beats_the_latest_checkpoint_at_constant_lr(tmp_path, data_cache):
-    """PAPER.md's basic effect on a short constant-LR run: 400 steps of the tiny MoE at LR 3e-3,
+    """The paper's basic effect on a short constant-LR run: 400 steps of the tiny MoE at LR 3e-3,
     a checkpoint every 20 steps; the SMA of the newest 3 scores a lower validation loss than the
     newest checkpoint alone (measured: 5.662 against 5.702)."""
     from conftest import MOE_RECIPE, TINY_MOE, launch

@@ -498,16 +498,3 @@ def check_file(path: Path | str, root: Path | str) -> None:
         load(path, root)
     else:
         os.close(open_regular(path, root))
-
-
-def check_files(tag_dir: Path | str) -> list[Path]:
-    """Check every entry of a checkpoint tag with :func:`check_file`, before a program that
-    runs pickles (``torch.load(weights_only=False)`` in DeepSpeed's engine) reads it. Raises
-    :class:`CheckpointError` naming the first entry refused; returns the entries, sorted."""
-    tag_dir = Path(tag_dir)
-    if not tag_dir.is_dir():
-        raise CheckpointError(f"{tag_dir}: not a checkpoint directory")
-    files = sorted(tag_dir.iterdir())
-    for p in files:
-        check_file(p, tag_dir)
-    return files

@@ -1,7 +1,7 @@
 """``moe-merge analyze``: measure the second-order mechanism of merging with Hessian-vector products.
 
-PAPER.md explains the merge gain with a second-order expansion: with deviations δ_i = θ_i − θ_r
-from a point θ_r and H the Hessian of the validation loss there,
+The PMA paper (arXiv 2505.12082) explains the merge gain with a second-order expansion: with
+deviations δ_i = θ_i − θ_r from a point θ_r and H the Hessian of the validation loss there,
 
     L(θ_i) ≈ L(θ_r) + gᵀδ_i + ½ δ_iᵀHδ_i,      θ̄ = Σ w_i θ_i,  δ̄ = Σ w_i δ_i.
 

@@ -214,7 +214,7 @@ def _mechanism(res: dict) -> list[str]:
              "Hessian-vector products, δ_i the deviation of checkpoint i from the expansion "
              "point: the merged weights (where Σ_(i≠j) D_ij = −Σ D_ii by construction, so the "
              "question is which pairs are complementary), or the annealed branch's end, a "
-             "stand-in for the optimum θ* of PAPER.md's derivation (where the paper's condition "
+             "stand-in for the optimum θ* of the paper's derivation (where the paper's condition "
              "Σ_(i≠j) D_ij < (k − 1) Σ D_ii is a real test). *gain*: mean loss of the "
              "checkpoints minus the merged loss, measured and predicted to second order; "
              "*vs latest*: the latest checkpoint's loss minus the merged loss.", "",

@@ -413,7 +413,7 @@ class AnnealStudy(StudyBase):
                    ) -> dict:
         """The second-order terms of the headline SMA window at the latest fork: around the
         merged weights, and around the annealed branch's end (a stand-in for the optimum θ*
-        of PAPER.md's derivation)."""
+        of the paper's derivation)."""
         from moe_merge.evals.analyze import hvp_model, lm_loss_sum, micro_batches, second_order
 
         t0 = time.perf_counter()

@@ -9,7 +9,7 @@ shapes) stays exactly as DeepSpeed wrote it, and ``engine.load_checkpoint`` resu
 The zip CRC-32 of each changed record is updated.
 
 The template's files are data from elsewhere: before torch maps any of them, every pickle of
-the tag is parsed by the restricted parser (:func:`~moe_merge.checkpoint.safe_load.check_files`),
+the tag is checked as before DeepSpeed reads one (:func:`moe_merge.checkpointing.check_tag`),
 and only its ``*.pt`` files are copied, each only if it is a regular file inside the tag (read
 from the opened descriptor: a symlink leaving the tag, a FIFO or a device is refused).
 
@@ -30,12 +30,8 @@ from pathlib import Path
 import torch
 
 from moe_merge.checkpoint.reader import DSCheckpoint, Piece, _for_state
-from moe_merge.checkpoint.safe_load import (
-    ALLOWED_GLOBALS,
-    CheckpointError,
-    check_files,
-    open_regular,
-)
+from moe_merge.checkpoint.safe_load import ALLOWED_GLOBALS, CheckpointError, open_regular
+from moe_merge.checkpointing import check_tag
 from moe_merge.config import OPTIMIZER_POLICIES
 
 
@@ -109,7 +105,7 @@ class DeepSpeedWriter:
         self.policy = optimizer_state
         self.tag_dir = Path(out_dir) / template.dir.name
         self.tag_dir.mkdir()
-        for src in check_files(template.dir):
+        for src in check_tag(template.dir.parent, template.dir.name):
             if src.suffix == ".pt":
                 _copy(src, self.tag_dir / src.name, template.dir)
         (Path(out_dir) / "latest").write_text(template.dir.name)

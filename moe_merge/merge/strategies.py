@@ -1,6 +1,6 @@
 """Merge strategies as pure functions: checkpoint selection and averaging weights.
 
-Checkpoints are ordered oldest first (M_1 ... M_N), as in PAPER.md. Every strategy returns the
+Checkpoints are ordered oldest first (M_1 ... M_N), as in arXiv 2505.12082. Every strategy returns the
 *effective* weights w_i with sum 1, so that the merged model is sum_i w_i * M_i.
 """
 
@@ -33,7 +33,7 @@ def ema_weights(n: int, alpha: float) -> list[float]:
     """Exponential moving average by the recursion M^(1) = M_1, M^(i) = a M_i + (1 - a) M^(i-1).
 
     Unrolled: M_1 gets (1 - a)^(N-1), M_i (i >= 2) gets a (1 - a)^(N-i). These sum to 1 exactly
-    (PAPER.md notes that the paper's printed form a (1 - a)^(N-i) for all i does not).
+    (the paper's printed form a (1 - a)^(N-i) for all i does not).
     """
     _check_n(n)
     if not 0.0 < alpha <= 1.0:
