@@ -17,12 +17,12 @@ import torch.nn.functional as F
 def main() -> None:
     import deepspeed
 
-    from moe_merge.config import load_recipe
-    from moe_merge.data import Batches, prepare
-    from moe_merge.distributed import init_distributed
-    from moe_merge.ds_config import build_ds_config
-    from moe_merge.model import build_model
-    from moe_merge.trainer import param_groups
+    from moe_merge.config.deepspeed import build_ds_config
+    from moe_merge.config.recipe import load_recipe
+    from moe_merge.training.data import Batches, prepare
+    from moe_merge.training.distributed import init_distributed
+    from moe_merge.training.model import build_model
+    from moe_merge.training.trainer import param_groups
 
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     cfg = load_recipe(args[0], args[1:])

@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    from moe_merge.config import load_recipe
+    from moe_merge.config.recipe import load_recipe
 
     cfg = load_recipe(REPO / args.recipe, args.overrides)
     runs: dict[str, list[dict]] = {"monitor off": [], "monitor on": []}

@@ -15,7 +15,7 @@ prebuild_ops() {
   if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.cuda.is_available())' 2>/dev/null; then
     return 0
   fi
-  DS_ACCELERATOR=cpu "$VENV/bin/python" -m moe_merge.ops 2>&1 | grep -v "^\[.*WARNING" >&2 || true
+  DS_ACCELERATOR=cpu "$VENV/bin/python" -m moe_merge.training.ops 2>&1 | grep -v "^\[.*WARNING" >&2 || true
 }
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
   prebuild_ops

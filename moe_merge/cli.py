@@ -7,6 +7,7 @@ import json
 import sys
 
 from moe_merge import __version__
+from moe_merge.errors import MoeMergeError
 
 
 def _floats(text: str) -> list[float]:
@@ -45,7 +46,7 @@ def _study(args) -> int:
     echo = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.kind != "anneal":
         return _stability_study(args, out, echo)
-    from moe_merge.evals.anneal_study import AnnealStudy
+    from moe_merge.studies.anneal import AnnealStudy
 
     study = AnnealStudy(args.recipe, args.overrides, out, quick=args.quick, echo=echo)
     res = study.run()
@@ -65,13 +66,13 @@ def _study(args) -> int:
 
 
 def _stability_study(args, out, echo) -> int:
-    from moe_merge.evals.stability_study import PMAInitStudy, SpikeStudy
+    from moe_merge.studies.stability import PMAInitStudy, SpikeStudy
 
     cls = PMAInitStudy if args.kind == "pma-init" else SpikeStudy
     res = cls(args.recipe, args.overrides, out, quick=args.quick, echo=echo).run()
     print(f"report: {out / 'report.md'}")
     if args.kind == "pma-init":
-        from moe_merge.evals.anneal_report import _ms
+        from moe_merge.studies.anneal_report import _ms
 
         for lr, row in res["summary"].items():
             gm, gs, vf = row["warmup_grad_norm_max"], row["warmup_grad_norm_std"], row["val_final"]
@@ -250,18 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-# The errors that describe bad input (one line, exit 2), by module. An error can only have been
-# raised by a module that was imported, so none is imported here (a merge stays light).
-USER_ERRORS = (("moe_merge.checkpoint.safe_load", "CheckpointError"),
-               ("moe_merge.merge.strategies", "MergeError"), ("moe_merge.config", "ConfigError"),
-               ("moe_merge.data", "DataError"), ("moe_merge.launching", "LaunchError"))
-
-
-def _user_error(e: Exception) -> bool:
-    return any(mod in sys.modules and isinstance(e, getattr(sys.modules[mod], name))
-               for mod, name in USER_ERRORS)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
@@ -283,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 "analyze": _analyze}
     try:
         return handlers[args.command](args)
-    except Exception as e:
-        if not _user_error(e):
-            raise
+    except MoeMergeError as e:  # bad input or a failed step: one line, exit 2
         print(f"moe-merge {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

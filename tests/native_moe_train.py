@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
 
-    from moe_merge.distributed import init_distributed
+    from moe_merge.training.distributed import init_distributed
     init_distributed(on_cpu=not torch.cuda.is_available())
     rank = torch.distributed.get_rank()
     torch.set_num_threads(1)

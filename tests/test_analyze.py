@@ -219,7 +219,7 @@ def test_analyze_cli_on_a_trained_moe_run(trained, tmp_path):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from moe_merge.config import load_recipe
+    from moe_merge.config.recipe import load_recipe
     from moe_merge.evals.analyze import lm_loss_sum
     from moe_merge.evals.loss import eval_windows
     from moe_merge.merge.merger import hf_state

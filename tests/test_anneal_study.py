@@ -7,12 +7,19 @@ import json
 import math
 
 import pytest
-
 from conftest import PY, REPO, run_cli
-from moe_merge.config import ConfigError, load_recipe
-from moe_merge.evals.anneal_report import _markdown
-from moe_merge.evals.anneal_study import (STRATEGIES, AnnealStudyConfig, fork_steps, load_study,
-                                          spearman, summarize)
+
+from moe_merge.config.recipe import load_recipe
+from moe_merge.errors import ConfigError
+from moe_merge.studies.anneal import (
+    STRATEGIES,
+    AnnealStudyConfig,
+    fork_steps,
+    load_study,
+    spearman,
+    summarize,
+)
+from moe_merge.studies.anneal_report import _markdown
 
 STUDY = REPO / "recipes" / "study_anneal_tiny.yaml"
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from moe_merge import checkpointing as ckpt
-from moe_merge.monitor import expert_load_stats
+from moe_merge.training import run_dir as ckpt
+from moe_merge.training.metrics import expert_load_stats
 
 
 def make_tags(root, steps, latest):
@@ -54,7 +54,7 @@ def test_expert_load_stats():
 
 
 def test_metrics_truncate_after_resume(tmp_path):
-    from moe_merge.monitor import MetricsLogger
+    from moe_merge.training.metrics import MetricsLogger
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n" for s in range(1, 8)))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import PY, REPO, run_cli
-from moe_merge.config import ConfigError, load_recipe
+
+from moe_merge.config.recipe import load_recipe
+from moe_merge.errors import ConfigError
 
 TINY = REPO / "recipes" / "moe_tiny.yaml"
 
@@ -88,7 +89,7 @@ def test_launcher_wrapper_validates_before_launching(tmp_path):
 
 
 def test_engine_config_must_not_carry_recipe_keys(tmp_path):
-    from moe_merge.ds_config import build_ds_config
+    from moe_merge.config.deepspeed import build_ds_config
 
     ds = tmp_path / "zero2.json"
     ds.write_text('{"zero_optimization": {"stage": 2}, "train_batch_size": 64}')
@@ -98,7 +99,7 @@ def test_engine_config_must_not_carry_recipe_keys(tmp_path):
 
 
 def test_injected_batch_arithmetic():
-    from moe_merge.ds_config import build_ds_config
+    from moe_merge.config.deepspeed import build_ds_config
 
     cfg = load_recipe(TINY, ["parallel.global_batch=32", "parallel.micro_batch=4"])
     ds = build_ds_config(cfg, 2)
@@ -109,7 +110,7 @@ def test_injected_batch_arithmetic():
 
 
 def test_recipe_round_trips_through_yaml(tmp_path):
-    from moe_merge.config import to_yaml
+    from moe_merge.config.recipe import to_yaml
 
     cfg = load_recipe(TINY, ["train.lr=1e-3"])
     out = tmp_path / "r.yaml"

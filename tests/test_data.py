@@ -7,9 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from moe_merge.config import DataConfig
-from moe_merge.data import (Batches, DataError, is_validation, list_documents, prepare,
-                            validation_windows)
+from moe_merge.config.recipe import DataConfig
+from moe_merge.errors import DataError
+from moe_merge.training.data import (
+    Batches,
+    is_validation,
+    list_documents,
+    prepare,
+    validation_windows,
+)
 
 
 def test_stdlib_corpus_is_found_in_fixed_order():

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from moe_merge.checkpoint.reader import DSCheckpoint
-from moe_merge.checkpoint.safe_load import CheckpointError
 from moe_merge.cli import main
+from moe_merge.errors import CheckpointError
 
 pytestmark = pytest.mark.distributed  # the trained runs come from 2-rank launches
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import crafted
 import pytest
-
 from conftest import REPO, run_cli
+
 from moe_merge.cli import main
 
 pytestmark = pytest.mark.distributed  # the runs are trained by 2-rank launches
@@ -206,8 +206,9 @@ def test_a_config_that_needs_custom_code_is_refused_without_a_prompt(trained, tm
     refused(run(capsys, "eval", tmp_path / "good", "--recipe", r / "recipe.yaml"),
             "tokenizer_config.json", "auto_map")
     # a recipe's data.tokenizer directory
-    from moe_merge.config import DataConfig
-    from moe_merge.data import DataError, prepare
+    from moe_merge.config.recipe import DataConfig
+    from moe_merge.errors import DataError
+    from moe_merge.training.data import prepare
 
     docs = tmp_path / "docs"
     docs.mkdir()

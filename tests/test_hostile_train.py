@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DECAY, MOE_RECIPE, REPO, TINY_MOE, read_metrics, run_cli, train_losses
-from moe_merge import checkpointing as ckpt
-from moe_merge.checkpoint.safe_load import CheckpointError
+
+from moe_merge.checkpoint import guard
+from moe_merge.errors import CheckpointError
 
 MOE_Z2 = [*TINY_MOE, *DECAY, "parallel.zero_stage=2"]  # conftest RUNS["moe_z2"]
 
@@ -54,10 +54,10 @@ def snapshot(d: Path) -> dict[str, str]:
 
 
 def checked_by(tag_dir: Path, name: str, world: int = 2) -> int:
-    """The rank that checks file ``name`` of a tag (checkpointing.share)."""
-    files = ckpt.tag_files(tag_dir.parent, tag_dir.name)
+    """The rank that checks file ``name`` of a tag (guard.share)."""
+    files = guard.tag_files(tag_dir.parent, tag_dir.name)
     i = [p.name for p in files].index(name)
-    return next(r for r in range(world) if i in ckpt.share(len(files), r, world))
+    return next(r for r in range(world) if i in guard.share(len(files), r, world))
 
 
 def one_error_line(proc, path: Path) -> str:
@@ -77,7 +77,7 @@ def train(*overrides: str):
 # ---- the check itself (no process group) ----------------------------------------------------
 def test_share_gives_each_file_to_one_rank():
     for n, world in ((12, 2), (130, 64), (3, 8), (0, 4)):
-        shares = [list(ckpt.share(n, r, world)) for r in range(world)]
+        shares = [list(guard.share(n, r, world)) for r in range(world)]
         assert sorted(i for s in shares for i in s) == list(range(n))
         assert all(i % world == r for r, s in enumerate(shares) for i in s)
         assert max(map(len, shares)) <= -(-n // world)  # at most ceil(n / world) files each
@@ -86,13 +86,13 @@ def test_share_gives_each_file_to_one_rank():
 def test_check_tag_refuses_payloads_special_files_and_escapes(trained, tmp_path):
     ckpts = copy_run(trained("moe_z2") / "checkpoints", tmp_path / "checkpoints")
     tag = ckpts / "global_step8"
-    assert [p.name for p in ckpt.check_tag(ckpts, "global_step8")] == \
+    assert [p.name for p in guard.check_tag(ckpts, "global_step8")] == \
         sorted(p.name for p in tag.iterdir())
     marker = tmp_path / "MARKER"
 
     def refused(name: str, match: str, load_dir: Path = ckpts) -> None:
         with pytest.raises(CheckpointError, match=match) as e:
-            ckpt.check_tag(load_dir, name)
+            guard.check_tag(load_dir, name)
         assert "\n" not in str(e.value)
 
     opt = tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -117,34 +117,34 @@ def test_check_tag_refuses_payloads_special_files_and_escapes(trained, tmp_path)
     for name in ("../checkpoints/global_step8", "..", "a/b", ""):
         refused(name, "is not one directory name")
     refused("global_step9", "not a checkpoint directory")
-    assert ckpt.check_tag(ckpts, "global_step8")  # clean again
+    assert guard.check_tag(ckpts, "global_step8")  # clean again
     assert not marker.exists()
 
 
 def test_latest_is_bounded_and_stays_in_the_checkpoints_dir(tmp_path):
     d = tmp_path / "checkpoints"
     d.mkdir()
-    assert ckpt.latest_tag(d) is None
+    assert guard.latest_tag(d) is None
     (d / "latest").write_text("global_step4\n")
-    assert ckpt.latest_tag(d) == "global_step4"
+    assert guard.latest_tag(d) == "global_step4"
     for text, match in (("../../etc", "is not one directory name"), ("x/y", "not one directory"),
                         ("..", "not one directory"), ("g" * 300, "larger than"),
                         ("a\x00b", "not one directory")):
         (d / "latest").write_text(text)
         with pytest.raises(CheckpointError, match=match):
-            ckpt.latest_tag(d)
+            guard.latest_tag(d)
     (d / "latest").write_bytes(b"\xff\xfe")
     with pytest.raises(CheckpointError, match="not UTF-8"):
-        ckpt.latest_tag(d)
+        guard.latest_tag(d)
     (d / "latest").unlink()
     (tmp_path / "outside").write_text("global_step4")
     (d / "latest").symlink_to(tmp_path / "outside")
     with pytest.raises(CheckpointError, match="outside"):
-        ckpt.latest_tag(d)
+        guard.latest_tag(d)
     (d / "latest").unlink()
     os.mkfifo(d / "latest")
     with pytest.raises(CheckpointError, match="not a regular file"):
-        ckpt.latest_tag(d)
+        guard.latest_tag(d)
 
 
 class ThreadGroup:
@@ -182,18 +182,18 @@ def test_ranks_share_the_files_and_all_raise_the_failing_ranks_message(trained, 
     assert checked_by(tag, bad.name) == 1
     poison(bad, tmp_path / "MARKER")
     group, seen, results = ThreadGroup(2), {0: [], 1: []}, {}
-    check_file = ckpt.check_file
+    check_file = guard.check_file
 
     def recording(path, tag_dir):
         seen[group.get_rank()].append(path.name)
         check_file(path, tag_dir)
 
-    monkeypatch.setattr(ckpt, "check_file", recording)
+    monkeypatch.setattr(guard, "check_file", recording)
 
     def rank(r: int) -> None:
         group.local.rank = r
         try:
-            results[r] = ckpt.check_tag(ckpts, tag.name, group, "cpu")
+            results[r] = guard.check_tag(ckpts, tag.name, group, "cpu")
         except CheckpointError as e:
             results[r] = str(e)
 

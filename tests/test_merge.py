@@ -15,10 +15,10 @@ from pathlib import Path
 import crafted
 import pytest
 import torch
-
 from conftest import PY, REPO, read_metrics, run_cli
+
 from moe_merge.checkpoint.reader import DSCheckpoint
-from moe_merge.checkpoint.safe_load import CheckpointError
+from moe_merge.errors import CheckpointError
 from moe_merge.evals.loss import evaluate
 from moe_merge.merge.merger import merge
 
@@ -418,9 +418,10 @@ def test_deepspeed_output_is_loaded_by_the_engine(kind, trained, tmp_path, data_
     Its first step's training loss (DeepSpeed engine, after engine.load_checkpoint) equals the
     loss of the merged HF model (transformers) on the same batch."""
     from conftest import RUNS, launch, train_losses
-    from moe_merge.config import load_recipe
-    from moe_merge.data import Batches, prepare
+
+    from moe_merge.config.recipe import load_recipe
     from moe_merge.evals.loss import load_hf, loss_on
+    from moe_merge.training.data import Batches, prepare
 
     run = trained(kind)
     ds_out, hf_out = tmp_path / "pma_ds", tmp_path / "pma_hf"

@@ -8,8 +8,16 @@ import random
 import pytest
 import torch
 
-from moe_merge.merge.strategies import (MergeError, ema_recursive, ema_weights, normalize, select,
-                                        sma_weights, strategy_weights, wma_weights)
+from moe_merge.errors import MergeError
+from moe_merge.merge.strategies import (
+    ema_recursive,
+    ema_weights,
+    normalize,
+    select,
+    sma_weights,
+    strategy_weights,
+    wma_weights,
+)
 from moe_merge.merge.writer import parse_size, plan_shards
 
 

@@ -4,10 +4,11 @@ in-process merge equals `moe-merge merge` + `moe-merge eval` of the same checkpo
 from __future__ import annotations
 
 import pytest
-
 from conftest import read_metrics, train_losses
-from moe_merge.config import ConfigError, load_recipe
-from moe_merge.pma_monitor import PMA_SCALARS, window
+
+from moe_merge.config.recipe import load_recipe
+from moe_merge.errors import ConfigError
+from moe_merge.training.pma_monitor import PMA_SCALARS, window
 
 MOE_RECIPE = "recipes/moe_tiny.yaml"
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import PY, REPO, run_cli
-from moe_merge.config import load_recipe
-from moe_merge.model import count_params
+
+from moe_merge.config.recipe import load_recipe
+from moe_merge.training.model import count_params
 
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if not p.name.startswith("study_"))
 STUDIES = sorted((REPO / "recipes").rglob("study_*.yaml"))
@@ -29,7 +29,7 @@ def test_recipe_dry_runs(recipe):
 @pytest.mark.parametrize("recipe", [p for p in STUDIES if p.name.startswith("study_anneal")],
                          ids=lambda p: p.name)
 def test_study_recipes_load(recipe):
-    from moe_merge.evals.anneal_study import fork_steps, load_study
+    from moe_merge.studies.anneal import fork_steps, load_study
 
     cfg, st, train_yaml = load_study(recipe)
     assert "\nstudy:" not in train_yaml and cfg.schedule.decay_tokens == 0
@@ -60,8 +60,8 @@ def test_dry_run_of_paper_scale_recipe_allocates_nothing():
 
 
 def test_stability_study_recipes_load():
-    from moe_merge.evals.anneal_study import load_study
-    from moe_merge.evals.stability_study import ARMS, PMAInitStudy, SpikeStudy
+    from moe_merge.studies.anneal import load_study
+    from moe_merge.studies.stability import ARMS, PMAInitStudy, SpikeStudy
 
     for cls, name in ((PMAInitStudy, "study_pma_init_tiny.yaml"),
                       (SpikeStudy, "study_spike_tiny.yaml")):

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from moe_merge.checkpoint.reader import _check_crc, crc32
-from moe_merge.checkpoint.safe_load import CheckpointError, LazyTensor, load
+from moe_merge.checkpoint.safe_load import LazyTensor, load
+from moe_merge.errors import CheckpointError
 
 
 def test_lazy_tensors_read_back_what_torch_load_reads(tmp_path):

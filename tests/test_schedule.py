@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from moe_merge.schedule import Schedule, decay_factor
+from moe_merge.training.schedule import Schedule, decay_factor
 
 
 def wsd(shape="linear", warmup=10, decay=20, total=100, peak=1.0, min_lr=0.1):
@@ -53,7 +53,8 @@ def test_cosine_schedule():
 
 def test_from_recipe_converts_tokens_to_steps():
     from conftest import REPO
-    from moe_merge.config import load_recipe
+
+    from moe_merge.config.recipe import load_recipe
 
     cfg = load_recipe(REPO / "recipes" / "moe_tiny.yaml",
                       ["schedule.decay_tokens=4.096e4", "schedule.min_lr_ratio=0.1"])

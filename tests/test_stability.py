@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import DECAY, MOE_RECIPE, PY, TINY_MOE, launch, read_metrics, run_cli, train_losses
-from moe_merge.config import ConfigError, load_recipe
-from moe_merge.stability import RetryCount, SpikeDetector, recovery_plan, resolve_init
+
+from moe_merge.config.recipe import load_recipe
+from moe_merge.errors import ConfigError
+from moe_merge.training.init_from import resolve_init
+from moe_merge.training.spikes import RetryCount, SpikeDetector, recovery_plan
 
 
 # ---- the detector ---------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def params_and_moments(tag_dir: Path, fresh: bool = False) -> dict[str, dict[str
     stepped yet, which holds no moments at all (torch creates them at the first step); checked,
     and given as zeros."""
     from moe_merge.checkpoint.reader import DSCheckpoint
-    from moe_merge.checkpoint.safe_load import CheckpointError
+    from moe_merge.errors import CheckpointError
 
     r = DSCheckpoint(tag_dir, verify=False)
     try:
@@ -231,10 +233,10 @@ def test_injected_nan_triggers_pma_recovery_and_training_continues(trained, tmp_
     after the recovery is the merged HF model's on that batch (transformers)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from moe_merge.config import load_recipe as load
-    from moe_merge.data import Batches, prepare
+    from moe_merge.config.recipe import load_recipe as load
     from moe_merge.evals.loss import load_hf, loss_on
     from moe_merge.merge.merger import merge
+    from moe_merge.training.data import Batches, prepare
 
     run = tmp_path / "nan"
     launch(MOE_RECIPE, [*MOE_Z2, "name=nan", f"output_dir={tmp_path}",
@@ -292,7 +294,7 @@ def test_a_spike_with_no_checkpoint_before_it_stops_the_run(tmp_path, data_cache
 
 # ---- the studies ------------------------------------------------------------------------------
 def _rec(lines: list[dict], exit_code: int = 0, tmp: Path | None = None) -> dict:
-    from moe_merge.evals.stability_study import read_run
+    from moe_merge.studies.stability import read_run
 
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -302,7 +304,7 @@ def _rec(lines: list[dict], exit_code: int = 0, tmp: Path | None = None) -> dict
 
 
 def test_spike_metrics_count_executed_steps_until_past_the_spike(tmp_path):
-    from moe_merge.evals.stability_study import spike_metrics
+    from moe_merge.studies.stability import spike_metrics
 
     def step(s, loss, gn=1.0):
         return {"step": s, "train/loss": loss, "train/grad_norm": gn}
@@ -337,7 +339,7 @@ def test_spike_metrics_count_executed_steps_until_past_the_spike(tmp_path):
 
 
 def test_pma_init_summary_ranks_diverged_runs():
-    from moe_merge.evals.stability_study import PMA_INIT_METRICS, summarize_pma_init
+    from moe_merge.studies.stability import PMA_INIT_METRICS, summarize_pma_init
 
     def arm(v):
         return {m: v for m in PMA_INIT_METRICS}
@@ -354,7 +356,7 @@ def test_pma_init_summary_ranks_diverged_runs():
 
 @pytest.mark.distributed
 def test_quick_studies_write_complete_results(tmp_path, data_cache):
-    from moe_merge.evals.stability_study import ARMS, PMA_INIT_METRICS
+    from moe_merge.studies.stability import ARMS, PMA_INIT_METRICS
 
     recipe = Path(MOE_RECIPE)
     out = tmp_path / "pi"
@@ -412,8 +414,8 @@ def test_quick_studies_write_complete_results(tmp_path, data_cache):
     ("spike", "checkpoint.every_tokens=0", "checkpoint.every_tokens"),
 ])
 def test_bad_stability_study_settings_name_the_key(study, override, key):
-    from moe_merge.evals.anneal_study import load_study
-    from moe_merge.evals.stability_study import PMAInitStudy, SpikeStudy
+    from moe_merge.studies.anneal import load_study
+    from moe_merge.studies.stability import PMAInitStudy, SpikeStudy
 
     cls = PMAInitStudy if study == "pma_init" else SpikeStudy
     recipe = Path(MOE_RECIPE).parent / f"study_{study}_tiny.yaml"

@@ -7,10 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import DECAY, MOE_RECIPE, REPO, TINY_MOE, launch, read_metrics, train_losses
 
-from conftest import (DECAY, MOE_RECIPE, REPO, TINY_MOE, launch, read_metrics,
-                      train_losses)
-from moe_merge.monitor import MOE_SCALARS, TRAIN_SCALARS, VAL_SCALARS
+from moe_merge.training.metrics import MOE_SCALARS, TRAIN_SCALARS, VAL_SCALARS
 
 pytestmark = pytest.mark.distributed
 

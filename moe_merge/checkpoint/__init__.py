@@ -1,0 +1,1 @@
+"""Checkpoint reading: discovery, the restricted unpickler, layouts of DeepSpeed checkpoints, names."""

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_merge.checkpoint.safe_load import CheckpointError, LazyTensor, read_small, real_path
+from moe_merge.checkpoint.safe_load import LazyTensor, read_small, real_path
+from moe_merge.errors import CheckpointError
 
 TAG_RE = re.compile(r"^global_step([0-9]+)$")
 MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")

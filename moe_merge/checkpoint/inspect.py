@@ -11,7 +11,7 @@ from pathlib import Path
 
 from moe_merge.checkpoint.discover import Tag, hf_dir_for, read_tag, tag_dirs
 from moe_merge.checkpoint.reader import DSCheckpoint
-from moe_merge.checkpoint.safe_load import CheckpointError
+from moe_merge.errors import CheckpointError
 
 
 def inspect(path: str | Path, verify: bool = False) -> dict:

@@ -29,7 +29,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_merge.checkpoint.safe_load import CheckpointError, read_small
+from moe_merge.checkpoint.safe_load import read_small
+from moe_merge.errors import CheckpointError
 
 # AutoEP presets whose HF experts are one fused gate_up_proj and one down_proj.
 FUSED_3D_PRESETS = {

@@ -62,7 +62,6 @@ from typing import Any, NoReturn
 
 from moe_merge.checkpoint.discover import MAX_STEP, is_int, show_value, step_of_name
 from moe_merge.checkpoint.safe_load import (
-    CheckpointError,
     FragmentAddress,
     LazyTensor,
     Record,
@@ -71,6 +70,7 @@ from moe_merge.checkpoint.safe_load import (
     pread_exact,
     real_path,
 )
+from moe_merge.errors import CheckpointError
 
 try:  # Intel ISA-L's CRC-32: ~4x zlib's speed; same polynomial, same values
     from isal.isal_zlib import crc32

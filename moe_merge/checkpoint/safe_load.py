@@ -40,14 +40,12 @@ from typing import Any
 
 from moe_merge.checkpoint import unpickle
 from moe_merge.checkpoint.unpickle import Global, StandIn
+from moe_merge.errors import CheckpointError
 
 MAX_PICKLE_BYTES = 64 << 20
 MAX_DIMS = 32
 MAX_SMALL_FILE = 16 << 20  # meta.json, latest and other small text files beside the tensors
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or merged; the message is one line naming the file."""
 
 
 class ZeroStage(int):

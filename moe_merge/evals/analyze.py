@@ -269,8 +269,8 @@ def _state_of(path: Path, hf_dir: Path) -> dict:
     """The HF state dict of a checkpoint tag, a run (its newest tag) or an HF model directory."""
     from moe_merge.checkpoint.discover import find_tags
     from moe_merge.checkpoint.safe_load import open_regular, real_path
+    from moe_merge.errors import MergeError
     from moe_merge.merge.merger import hf_state
-    from moe_merge.merge.strategies import MergeError
 
     if (path / "config.json").is_file():
         from safetensors.torch import load_file
@@ -299,10 +299,10 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
     ``micro_batch`` windows, default the recipe's), and write ``analysis.json``, ``report.md``
     and ``hessian_terms.png`` into ``out`` (atomically) when given."""
     from moe_merge.checkpoint.discover import hf_dir_for
-    from moe_merge.config import load_recipe
+    from moe_merge.config.recipe import load_recipe
+    from moe_merge.errors import MergeError
     from moe_merge.evals.loss import eval_windows, recipe_for
     from moe_merge.merge.merger import hf_state, input_dirs, plan
-    from moe_merge.merge.strategies import MergeError
     from moe_merge.merge.writer import check_apart, check_target
 
     chosen, w = plan(ckpts, strategy, alpha, weights, last, every, tags)

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_merge.checkpoint.discover import find_tags, is_tag_dir
-from moe_merge.config import RecipeConfig, load_recipe
-from moe_merge.merge.strategies import MergeError
+from moe_merge.config.recipe import RecipeConfig, load_recipe
+from moe_merge.errors import MergeError
 
 
 def recipe_for(model: Path) -> Path | None:
@@ -48,8 +48,13 @@ def eval_windows(cfg: RecipeConfig, data_source: str | None = None,
     pre-tokenized .bin)."""
     import numpy as np
 
-    from moe_merge.data import (_write_tokens, iter_texts, list_documents, prepare,
-                                validation_windows)
+    from moe_merge.training.data import (
+        _write_tokens,
+        iter_texts,
+        list_documents,
+        prepare,
+        validation_windows,
+    )
 
     world = cfg.parallel.world_size
     n_windows = -(-cfg.logging.val_batches // world) * world * cfg.parallel.micro_batch

@@ -9,7 +9,7 @@ shapes) stays exactly as DeepSpeed wrote it, and ``engine.load_checkpoint`` resu
 The zip CRC-32 of each changed record is updated.
 
 The template's files are data from elsewhere: before torch maps any of them, every pickle of
-the tag is checked as before DeepSpeed reads one (:func:`moe_merge.checkpointing.check_tag`),
+the tag is checked as before DeepSpeed reads one (:func:`moe_merge.checkpoint.guard.check_tag`),
 and only its ``*.pt`` files are copied, each only if it is a regular file inside the tag (read
 from the opened descriptor: a symlink leaving the tag, a FIFO or a device is refused).
 
@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
+from moe_merge.checkpoint.guard import check_tag
 from moe_merge.checkpoint.reader import DSCheckpoint, Piece, _for_state
-from moe_merge.checkpoint.safe_load import ALLOWED_GLOBALS, CheckpointError, open_regular
-from moe_merge.checkpointing import check_tag
-from moe_merge.config import OPTIMIZER_POLICIES
+from moe_merge.checkpoint.safe_load import ALLOWED_GLOBALS, open_regular
+from moe_merge.config.recipe import OPTIMIZER_POLICIES
+from moe_merge.errors import CheckpointError
 
 
 def _load_shared(path: Path) -> dict:

@@ -19,7 +19,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_merge.checkpoint.safe_load import CheckpointError, open_regular
+from moe_merge.checkpoint.safe_load import open_regular
+from moe_merge.errors import CheckpointError
 
 HF_FILES = frozenset({
     "config.json", "generation_config.json",

@@ -28,13 +28,26 @@ import numpy as np
 
 from moe_merge import __version__
 from moe_merge.checkpoint.discover import MAX_STEP_DIGITS, Tag, find_tags, hf_dir_for, is_tag_dir
-from moe_merge.checkpoint.names import OutTensor, check_against_hf, hf_expected, hf_map, identity_map
+from moe_merge.checkpoint.names import (
+    OutTensor,
+    check_against_hf,
+    hf_expected,
+    hf_map,
+    identity_map,
+)
 from moe_merge.checkpoint.reader import DSCheckpoint, crc32
-from moe_merge.checkpoint.safe_load import CheckpointError, Record, pread_exact
+from moe_merge.checkpoint.safe_load import Record, pread_exact
+from moe_merge.errors import CheckpointError, MergeError
 from moe_merge.merge import hf_files
-from moe_merge.merge.strategies import MergeError, select, strategy_weights
-from moe_merge.merge.writer import (ShardWriter, atomic_dir, check_apart, check_target, parse_size,
-                                    plan_shards)
+from moe_merge.merge.strategies import select, strategy_weights
+from moe_merge.merge.writer import (
+    ShardWriter,
+    atomic_dir,
+    check_apart,
+    check_target,
+    parse_size,
+    plan_shards,
+)
 
 log = logging.getLogger(__name__)
 

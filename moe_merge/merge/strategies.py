@@ -9,11 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from moe_merge.errors import MergeError
+
 STRATEGIES = ("sma", "wma", "ema")
 
-
-class MergeError(ValueError):
-    """A merge request that cannot be satisfied; the message is one line for the user."""
 
 
 def sma_weights(n: int) -> list[float]:

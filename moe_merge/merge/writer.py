@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_merge.merge.strategies import MergeError
+from moe_merge.errors import MergeError
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_merge.config import ConfigError, RecipeConfig, load_recipe
+from moe_merge.config.recipe import RecipeConfig, load_recipe
+from moe_merge.errors import ConfigError
 from moe_merge.merge.strategies import strategy_weights
-from moe_merge.pma_monitor import window
+from moe_merge.training.pma_monitor import window
 
 STRATEGIES = {"sma": ("sma", None), "wma": ("wma", None), "ema0.1": ("ema", 0.1),
               "ema0.2": ("ema", 0.2)}
@@ -105,7 +106,7 @@ def load_study(path: str | Path, overrides: list[str] = (), quick: bool = False,
                           f"{f'key study.{key}: ' if key else ''}{str(e).splitlines()[0]}") from None
     cfg = load_recipe(path, train_ov, data=raw)
     check(cfg, st, path)
-    from moe_merge.config import to_yaml
+    from moe_merge.config.recipe import to_yaml
 
     return cfg, st, to_yaml(cfg)
 
@@ -247,7 +248,7 @@ def _val_curve(run: Path) -> list[tuple[int, float]]:
 
 def _steps(run: Path) -> list[int]:
     """Steps of the run's checkpoints, oldest first."""
-    from moe_merge.checkpointing import list_tags
+    from moe_merge.training.run_dir import list_tags
 
     return [step for step, _ in list_tags(run / "checkpoints")]
 
@@ -266,7 +267,7 @@ class StudyBase:
         if self.recipe.exists() and self.recipe.read_text() != train_yaml:
             # the same recipe, written before keys with default values were added, still is
             try:
-                from moe_merge.config import to_yaml
+                from moe_merge.config.recipe import to_yaml
 
                 same = to_yaml(load_recipe(self.recipe)) == train_yaml
             except ConfigError:
@@ -289,7 +290,7 @@ class StudyBase:
         """Train (or resume) one run under ``root`` (default seed<seed>/); a run whose final
         checkpoint exists, or that ended with an accepted non-zero exit (``ok_codes``; recorded
         in its exit.json), is reused as is."""
-        from moe_merge import launching
+        from moe_merge.training import launch
 
         run_root = root or self.out / f"seed{seed}"
         run = run_root / name
@@ -298,7 +299,7 @@ class StudyBase:
             self.echo(f"  seed {seed}: {name} done before, reused")
             self.reused += 1
             return run
-        t, code = launching.train(self.recipe, [f"name={name}", f"output_dir={run_root}",
+        t, code = launch.train(self.recipe, [f"name={name}", f"output_dir={run_root}",
                                                 f"seed={seed}", "logging.progress=false",
                                                 "train.resume=auto", *extra],
                                   run_root / "logs" / f"{name}.log", self.cfg.parallel.world_size,
@@ -328,7 +329,7 @@ class AnnealStudy(StudyBase):
     def _lrs(self, fork: int | None = None) -> list[float]:
         """The LR of every step of the trunk, or of the branch forked at step ``fork`` (the
         schedule its ``_branch_overrides`` give it: the trunk's, decayed from ``fork``)."""
-        from moe_merge.schedule import Schedule
+        from moe_merge.training.schedule import Schedule
 
         sched = Schedule.from_recipe(self.cfg)
         if fork is not None:
@@ -471,7 +472,7 @@ class AnnealStudy(StudyBase):
         results["wall_seconds"] = time.perf_counter() - t0
         results["runs_trained"], results["runs_reused"] = self.trained, self.reused
         results["train_seconds"] = self.train_seconds
-        from moe_merge.evals.anneal_report import write_report
+        from moe_merge.studies.anneal_report import write_report
 
         write_report(self.out, results)
         return results

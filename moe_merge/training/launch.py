@@ -10,9 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-
-class LaunchError(RuntimeError):
-    """A training launch that failed; the message names the log holding its output."""
+from moe_merge.errors import LaunchError
 
 
 def _free_port() -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moe_merge.evals.anneal_report import _ms
+from moe_merge.studies.anneal_report import _ms
 
 ARM_COLORS = {"latest": "tab:blue", "pma": "tab:green", "continue": "tab:gray",
               "rollback": "tab:orange"}

@@ -1,62 +1,23 @@
-"""Run-directory bookkeeping around DeepSpeed's own save/load_checkpoint.
-
-DeepSpeed writes the checkpoint itself (``checkpoints/global_stepN/`` + ``latest``); this module
-adds the per-tag JSON sidecar, keep-last-k pruning, and the files that make a run describe itself.
+"""Before DeepSpeed loads a tag: the checks every ``engine.load_checkpoint`` goes through.
 
 DeepSpeed reads a checkpoint with ``torch.load(weights_only=False)``, which runs whatever a
-pickle asks for. :func:`check_tag` is what every load the trainer hands to DeepSpeed (resume,
-``train.fork_from``, ``train.init_from``, spike recovery) goes through first: the tag name must
-be one directory name, the tag directory must lie inside the directory it is loaded from
-(symlinks resolved) and hold only regular files, and every pickle in it must parse with the
-restricted interpreter of :mod:`moe_merge.checkpoint.safe_load`. The ranks share the files.
+pickle asks for. :func:`check_tag` is what every load handed to DeepSpeed (resume,
+``train.fork_from``, ``train.init_from``, spike recovery, a ``--format deepspeed`` template)
+goes through first: the tag name must be one directory name, the tag directory must lie inside
+the directory it is loaded from (symlinks resolved) and hold only regular files, and every
+pickle in it must parse with the restricted interpreter of :mod:`moe_merge.checkpoint.safe_load`.
+The ranks share the files.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
 from pathlib import Path
-from typing import Any
 
-from moe_merge.checkpoint.safe_load import CheckpointError, check_file, read_small, real_path
+from moe_merge.checkpoint.safe_load import check_file, read_small, real_path
+from moe_merge.errors import CheckpointError
 
-SIDECAR = "meta.json"
-TAG_RE = re.compile(r"^global_step(\d+)$")
 MAX_TAG_NAME = 255  # bytes of a tag name (one directory name); ``latest`` holds one
-
-
-def tag_for(step: int) -> str:
-    return f"global_step{step}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_sidecar(ckpt_dir: Path, step: int, info: dict[str, Any]) -> Path:
-    path = ckpt_dir / tag_for(step) / SIDECAR
-    write_atomic(path, json.dumps({"step": step, **info}, indent=1, sort_keys=True) + "\n")
-    return path
-
-
-def read_sidecar(tag_dir: Path) -> dict[str, Any] | None:
-    path = Path(tag_dir) / SIDECAR
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def list_tags(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of every global_stepN directory, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir()
-             if p.is_dir() and (m := TAG_RE.match(p.name))]
-    return sorted(found)
 
 
 def check_tag_name(tag: str, source: Path | str) -> str:
@@ -83,33 +44,6 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return check_tag_name(tag, path)
 
 
-def prune(ckpt_dir: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` tags (never the one ``latest`` names)."""
-    if keep_last <= 0:
-        return []
-    latest = latest_tag(ckpt_dir)
-    tags = list_tags(ckpt_dir)
-    removed = []
-    for _, path in tags[:-keep_last]:
-        if path.name == latest:
-            continue
-        shutil.rmtree(path)
-        removed.append(path)
-    return removed
-
-
-def step_of_tag_dir(tag_dir: Path) -> int:
-    """The step a global_stepN directory was saved at (sidecar first, then its name)."""
-    meta = read_sidecar(tag_dir)
-    if meta is not None:
-        return int(meta["step"])
-    m = TAG_RE.match(Path(tag_dir).name)
-    if m is None:
-        raise ValueError(f"{tag_dir}: not a global_stepN checkpoint directory")
-    return int(m.group(1))
-
-
-# ---- before DeepSpeed loads a tag ------------------------------------------------------------
 def tag_files(load_dir: Path | str, tag: str) -> list[Path]:
     """Every entry of the tag directory ``load_dir/tag``, sorted by name, after checking that
     ``tag`` is one directory name and that the directory (symlinks resolved) lies inside

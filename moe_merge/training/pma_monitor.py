@@ -23,9 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-from moe_merge.config import PMAMonitorConfig
+from moe_merge.config.recipe import PMAMonitorConfig
 from moe_merge.merge.strategies import strategy_weights
-
 
 PMA_SCALARS = ("pma/val_loss", "pma/val_gap", "pma/n", "pma/first_step", "pma/seconds")
 

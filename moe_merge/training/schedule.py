@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from moe_merge.config import RecipeConfig, ScheduleConfig
+from moe_merge.config.recipe import RecipeConfig, ScheduleConfig
 
 
 def decay_factor(progress: float, shape: str) -> float:

@@ -26,9 +26,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from moe_merge.config import ConfigError, RecipeConfig
-from moe_merge.evals.anneal_study import StudyBase, _metrics, mean_std
-from moe_merge.pma_monitor import window
+from moe_merge.config.recipe import RecipeConfig
+from moe_merge.errors import ConfigError
+from moe_merge.studies.anneal import StudyBase, _metrics, mean_std
+from moe_merge.training.pma_monitor import window
 
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
         "model.num_kv_heads=1", "model.head_dim=32", "model.moe_intermediate_size=64",
@@ -191,7 +192,7 @@ class _StabilityStudy(StudyBase):
 
     def _report(self, t0: float, seeds: list[dict], summary: dict, **extra) -> dict:
         """results.json, report.md, plots and TensorBoard of the finished study."""
-        from moe_merge.evals.stability_report import write_report
+        from moe_merge.studies.stability_report import write_report
 
         results = {"kind": self.kind, "study": asdict(self.st), "recipe": str(self.recipe),
                    "tokens_per_step": self.tps, **extra, "seeds": seeds, "summary": summary,
@@ -224,9 +225,9 @@ class PMAInitStudy(_StabilityStudy):
                 "pma_monitor.enabled=false"]
 
     def run_seed(self, seed: int) -> dict:
-        from moe_merge.checkpointing import list_tags
         from moe_merge.merge.merger import merge
         from moe_merge.merge.strategies import strategy_weights
+        from moe_merge.training.run_dir import list_tags
 
         st = self.st
         root = self.out / f"seed{seed}"

@@ -25,16 +25,14 @@ from typing import Iterator
 
 import numpy as np
 
-from moe_merge.config import DataConfig
+from moe_merge.config.recipe import DataConfig
+from moe_merge.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__", "idle_test"}
 
-
-class DataError(ValueError):
-    """A data-source problem, reported as one line naming the file."""
 
 
 @dataclass(frozen=True)
@@ -208,7 +206,7 @@ def prepare(cfg: DataConfig) -> TokenData:
             from transformers import AutoTokenizer
 
             from moe_merge.checkpoint.names import check_no_remote_code
-            from moe_merge.checkpoint.safe_load import CheckpointError
+            from moe_merge.errors import CheckpointError
             try:
                 if Path(cfg.tokenizer).is_dir():
                     check_no_remote_code(cfg.tokenizer)

@@ -18,18 +18,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moe_merge import checkpointing as ckpt
-from moe_merge.checkpoint.safe_load import CheckpointError
-from moe_merge.config import ConfigError, RecipeConfig, check_world_size, to_dict, to_yaml
-from moe_merge.data import Batches, TokenData, prepare, validation_windows
-from moe_merge.distributed import dist_env, init_distributed
-from moe_merge.ds_config import build_ds_config
-from moe_merge.model import build_model, hf_config
-from moe_merge.monitor import MetricsLogger, expert_load_stats
-from moe_merge.pma_monitor import PMAMonitor
-from moe_merge.schedule import Schedule
-from moe_merge.stability import (RetryCount, SpikeDetector, SpikeError, recovery_plan,
-                                 reset_optimizer_state, resolve_init)
+from moe_merge.checkpoint import guard
+from moe_merge.config.deepspeed import build_ds_config
+from moe_merge.config.recipe import RecipeConfig, check_world_size, to_dict, to_yaml
+from moe_merge.errors import CheckpointError, ConfigError, SpikeError
+from moe_merge.training import run_dir as ckpt
+from moe_merge.training.data import Batches, TokenData, prepare, validation_windows
+from moe_merge.training.distributed import dist_env, init_distributed
+from moe_merge.training.init_from import reset_optimizer_state, resolve_init
+from moe_merge.training.metrics import MetricsLogger, expert_load_stats
+from moe_merge.training.model import build_model, hf_config
+from moe_merge.training.pma_monitor import PMAMonitor
+from moe_merge.training.schedule import Schedule
+from moe_merge.training.spikes import RetryCount, SpikeDetector, recovery_plan
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
         try:
-            self.resume_tag = (ckpt.latest_tag(self.ckpt_dir) if cfg.train.resume == "auto"
+            self.resume_tag = (guard.latest_tag(self.ckpt_dir) if cfg.train.resume == "auto"
                                else None)
         except CheckpointError as e:
             raise ConfigError(f"key 'train.resume': {e}") from None
@@ -166,7 +167,7 @@ class Trainer:
 
     def _check_source(self) -> None:
         """The checkpoint this launch will hand to DeepSpeed (resume, fork_from, a DeepSpeed
-        init_from), checked by every rank (:func:`checkpointing.check_tag`); a refusal is a
+        init_from), checked by every rank (:func:`guard.check_tag`); a refusal is a
         ConfigError naming the key and the file."""
         cfg = self.cfg
         if self.resuming:
@@ -179,7 +180,7 @@ class Trainer:
         else:
             return
         try:
-            ckpt.check_tag(load_dir, tag, self.dist, self.device)
+            guard.check_tag(load_dir, tag, self.dist, self.device)
         except CheckpointError as e:
             raise ConfigError(f"key '{key}': {e}") from None
 
@@ -466,7 +467,7 @@ class Trainer:
         else:
             load_dir = self.ckpt_dir
         try:
-            ckpt.check_tag(load_dir, tags[-1], self.dist, self.device)
+            guard.check_tag(load_dir, tags[-1], self.dist, self.device)
         except CheckpointError as e:  # every rank raises (check_tag agrees)
             raise SpikeError(f"loss spike at step {spike_step}: recovery refused: {e}") from None
         error = None

@@ -1,6 +1,11 @@
-"""The DeepSpeed config of a run: engine settings from ds_configs/, the rest from the recipe.
+"""The DeepSpeed config of a run: engine settings from a JSON template, the rest from the recipe.
 
-ds_configs/*.json hold engine settings only (ZeRO stage, buckets, offload). Batch sizes,
+The templates hold engine settings only (ZeRO stage, buckets, offload). The bundled ones ship in
+the package (``moe_merge/config/ds_configs/``, also ``ds_configs/`` at the top of a checkout):
+``zero0-3.json`` for CPU and small runs, ``gpu_zero2.json`` and ``gpu_zero3.json`` with overlap
+and large buckets. ``parallel.ds_config`` names a bundled one (``gpu_zero2.json`` or
+``ds_configs/gpu_zero2.json``) or a file of your own (absolute, or relative to the working
+directory; a file of that name wins over the bundled one). Batch sizes,
 precision, optimizer, clipping, expert parallelism and the TensorBoard monitor are injected from
 the recipe here, the single source of truth, and checked once.
 """
@@ -10,19 +15,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moe_merge.config import ConfigError, RecipeConfig
+from moe_merge.config.recipe import RecipeConfig
+from moe_merge.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = Path(__file__).resolve().parent / "ds_configs"
 INJECTED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
             "bf16", "fp16", "optimizer", "scheduler", "gradient_clipping", "expert_parallel",
             "tensorboard")
 
 
 def engine_config_path(cfg: RecipeConfig) -> Path:
-    if cfg.parallel.ds_config:
-        path = Path(cfg.parallel.ds_config)
-        return path if path.is_absolute() or path.exists() else REPO_ROOT / path
-    return REPO_ROOT / "ds_configs" / f"zero{cfg.parallel.zero_stage}.json"
+    """The engine template of ``cfg``: ``parallel.ds_config`` (a file, else a bundled name) or
+    the bundled ``zero<parallel.zero_stage>.json``."""
+    name = cfg.parallel.ds_config
+    if not name:
+        return BUNDLED / f"zero{cfg.parallel.zero_stage}.json"
+    path = Path(name)
+    if path.is_absolute() or path.exists():
+        return path
+    if path.parent in (Path("."), Path("ds_configs")) and (BUNDLED / path.name).is_file():
+        return BUNDLED / path.name
+    bundled = ", ".join(sorted(p.name for p in BUNDLED.glob("*.json")))
+    raise ConfigError(f"key 'parallel.ds_config': {name} not found (neither a file nor one of "
+                      f"the bundled engine configs: {bundled})")
 
 
 def build_ds_config(cfg: RecipeConfig, world_size: int, run_dir: Path | None = None,

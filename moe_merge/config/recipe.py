@@ -16,15 +16,14 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from moe_merge.errors import ConfigError
+
 MOE_ARCHS = ("qwen3_moe", "mixtral")
 DENSE_ARCHS = ("qwen3", "llama")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 OPTIMIZER_POLICIES = ("reset", "latest", "merged")
 SPIKE_ACTIONS = ("off", "continue", "rollback", "pma")
 
-
-class ConfigError(ValueError):
-    """A recipe problem, reported as one line naming the file and the key."""
 
 
 @dataclass
@@ -124,9 +123,9 @@ class ParallelConfig:
     """Ranks the recipe is written for (launch/train.sh starts this many); 0: whatever the
     launcher starts. The trainer refuses a launch with a different count."""
     zero_stage: int = 2
-    """DeepSpeed ZeRO stage 0-3; picks ds_configs/zero<stage>.json unless ds_config is set."""
+    """DeepSpeed ZeRO stage 0-3; picks the bundled zero<stage>.json unless ds_config is set."""
     ds_config: str = ""
-    """DeepSpeed engine-settings JSON; empty: ds_configs/zero<zero_stage>.json."""
+    """DeepSpeed engine-settings JSON: a file, or a bundled name (gpu_zero2.json); empty: zero<stage>."""
     ep_size: int = 1
     """Expert-parallel size (DeepSpeed AutoEP); 1 keeps every expert on every rank."""
     micro_batch: int = 8

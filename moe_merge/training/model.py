@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_merge.config import ModelConfig
+from moe_merge.config.recipe import ModelConfig
 
 
 def hf_config(m: ModelConfig, vocab_size: int):
