@@ -24,8 +24,8 @@ TINY_MOE = [
     "logging.progress=false",
 ]
 TINY_DENSE = [o for o in TINY_MOE if "expert" not in o] + ["model.intermediate_size=128"]
-MOE_RECIPE = str(REPO / "recipes" / "moe_tiny.yaml")
-DENSE_RECIPE = str(REPO / "recipes" / "dense_tiny.yaml")
+MOE_RECIPE = str(REPO / "tests" / "recipes" / "moe_tiny.yaml")
+DENSE_RECIPE = str(REPO / "tests" / "recipes" / "dense_tiny.yaml")
 DECAY = ["schedule.decay_tokens=512", "schedule.min_lr_ratio=0.1"]  # last 2 of 8 steps decay
 
 # Runs shared by the training and the merge tests: trained once per session, on first use.

@@ -10,7 +10,7 @@ from conftest import PY, REPO, run_cli
 from moe_merge.config.recipe import load_recipe
 from moe_merge.errors import ConfigError
 
-TINY = REPO / "recipes" / "moe_tiny.yaml"
+TINY = REPO / "tests" / "recipes" / "moe_tiny.yaml"
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -56,7 +56,7 @@ def test_from_recipe_converts_tokens_to_steps():
 
     from moe_merge.config.recipe import load_recipe
 
-    cfg = load_recipe(REPO / "recipes" / "moe_tiny.yaml",
+    cfg = load_recipe(REPO / "tests" / "recipes" / "moe_tiny.yaml",
                       ["schedule.decay_tokens=4.096e4", "schedule.min_lr_ratio=0.1"])
     s = Schedule.from_recipe(cfg)
     assert s.warmup_steps == 20 and s.decay_steps == 10 and s.total_steps == 200
