@@ -17,10 +17,9 @@ import time
 import warnings
 import zipfile
 
-import crafted
-import fuzzing
 import pytest
 import torch
+from support import crafted, fuzzing
 
 from moe_merge.checkpoint.safe_load import ALLOWED_GLOBALS
 

@@ -17,13 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-import crafted
 import pytest
-from conftest import REPO, run_cli
+from support import crafted
+from support.runs import REPO, run_cli
 
 from moe_merge.cli import main
 
-pytestmark = pytest.mark.distributed  # the runs are trained by 2-rank launches
 SECRET = "TOP-SECRET-7f3a"
 
 

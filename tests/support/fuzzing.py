@@ -75,7 +75,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CASE_SECONDS = 5.0  # wall time of one case (SIGALRM)
 CASE_RSS = 1 << 30  # peak resident memory of one case
 ADDRESS_SPACE = 3 << 30  # RLIMIT_AS of the worker

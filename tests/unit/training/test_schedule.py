@@ -52,7 +52,7 @@ def test_cosine_schedule():
 
 
 def test_from_recipe_converts_tokens_to_steps():
-    from conftest import REPO
+    from support.runs import REPO
 
     from moe_merge.config.recipe import load_recipe
 

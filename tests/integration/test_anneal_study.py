@@ -7,56 +7,15 @@ import json
 import math
 
 import pytest
-from conftest import PY, REPO, run_cli
+from support.runs import PY, REPO, run_cli
 
-from moe_merge.config.recipe import load_recipe
-from moe_merge.errors import ConfigError
 from moe_merge.studies.anneal import (
     STRATEGIES,
-    AnnealStudyConfig,
-    fork_steps,
-    load_study,
-    spearman,
     summarize,
 )
 from moe_merge.studies.anneal_report import _markdown
 
 STUDY = REPO / "recipes" / "study_anneal_tiny.yaml"
-
-
-def test_spearman_matches_hand_ranks():
-    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    # ties get average ranks: x ranks [0.5, 0.5, 2, 3], y ranks [0, 1, 2, 3]
-    assert spearman([5, 5, 6, 7], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
-    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
-
-
-def test_fork_points_start_where_the_window_fits_after_warmup():
-    cfg = load_recipe(REPO / "tests" / "recipes" / "moe_tiny.yaml", ["checkpoint.every_tokens=2.048e4"])
-    st = AnnealStudyConfig(forks=4, n=6, interval=2)
-    # warmup 20 steps, a checkpoint every 5: first window 20, 30, ..., 70
-    # ... the last one branch (40 steps) before the end of the 200-step trunk
-    assert fork_steps(cfg, st) == [70, 100, 130, 160]
-    assert fork_steps(cfg, AnnealStudyConfig(forks=1)) == [160]
-    assert fork_steps(cfg, AnnealStudyConfig(fork_steps=[100, 50])) == [50, 100]
-
-
-@pytest.mark.parametrize("override, key", [
-    ("schedule.decay_tokens=4096", "schedule.decay_tokens"),
-    ("study.decay_shape=step", "study.decay_shape"),
-    ("study.seeds=[1,1]", "study.seeds"),
-    ("study.n=60", "study.n"),
-    ("study.fork_steps=[190]", "study.fork_steps"),
-])
-def test_bad_study_settings_name_the_key(override, key):
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        load_study(STUDY, [override])
-
-
-def test_unknown_study_key_is_refused():
-    with pytest.raises(ConfigError, match="study"):
-        load_study(STUDY, ["study.nope=1"])
 
 
 @pytest.mark.distributed

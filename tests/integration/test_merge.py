@@ -12,56 +12,18 @@ import subprocess
 import time
 from pathlib import Path
 
-import crafted
 import pytest
 import torch
-from conftest import PY, REPO, read_metrics, run_cli
+from support import crafted
+from support.merging import cli, copy_tag, read_all, safetensors_out, tag
+from support.runs import PY, REPO, read_metrics, run_cli
 
 from moe_merge.checkpoint.reader import DSCheckpoint
 from moe_merge.errors import CheckpointError
 from moe_merge.evals.loss import evaluate
 from moe_merge.merge.merger import merge
 
-pytestmark = pytest.mark.distributed
 MOE_KINDS = ["moe_z1", "moe_z2", "moe_z3", "mixtral_z2", "moe_ep1_z2"]
-
-
-def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return run_cli([PY, "-m", "moe_merge", *map(str, args)], timeout=timeout)
-
-
-def tag(run: Path, step: int) -> Path:
-    return run / "checkpoints" / f"global_step{step}"
-
-
-def read_all(tag_dir: Path, **kw) -> dict[str, torch.Tensor]:
-    c = DSCheckpoint(tag_dir, **kw)
-    return {n: c.read(n) for n in c.params}
-
-
-def safetensors_out(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def copy_tag(src: Path, dst_root: Path, name: str) -> Path:
-    """A copy of the tag ``src`` as ``dst_root/name`` (global_stepN): its meta.json dropped and
-    the step its model states store set to N, as a checkpoint saved at step N would hold."""
-    dst = dst_root / name
-    shutil.copytree(src, dst)
-    (dst / "meta.json").unlink(missing_ok=True)  # the step then comes from the directory name
-    step = int(name[len("global_step"):])
-    for f in sorted(dst.glob("*model_states.pt")):
-        if f.name.startswith(("mp_rank_", "zero_pp_rank_")):
-            sd = torch.load(f, map_location="cpu", weights_only=False)
-            if sd.get("global_steps") != step:
-                sd["global_steps"] = step
-                torch.save(sd, f)
-    return dst
 
 
 # ---- gathering, against DeepSpeed's own converters ---------------------------------------
@@ -397,7 +359,7 @@ def test_merged_model_beats_the_latest_checkpoint_at_constant_lr(tmp_path, data_
     """The paper's basic effect on a short constant-LR run: 400 steps of the tiny MoE at LR 3e-3,
     a checkpoint every 20 steps; the SMA of the newest 3 scores a lower validation loss than the
     newest checkpoint alone (measured: 5.662 against 5.702)."""
-    from conftest import MOE_RECIPE, TINY_MOE, launch
+    from support.runs import MOE_RECIPE, TINY_MOE, launch
 
     overrides = [o for o in TINY_MOE if not o.startswith(("checkpoint.", "train.", "logging.val",
                                                           "schedule.", "logging.log_every"))]
@@ -417,7 +379,7 @@ def test_deepspeed_output_is_loaded_by_the_engine(kind, trained, tmp_path, data_
     """PMA-init: a run forked from the --format deepspeed output starts from the merged weights.
     Its first step's training loss (DeepSpeed engine, after engine.load_checkpoint) equals the
     loss of the merged HF model (transformers) on the same batch."""
-    from conftest import RUNS, launch, train_losses
+    from support.runs import RUNS, launch, train_losses
 
     from moe_merge.config.recipe import load_recipe
     from moe_merge.evals.loss import load_hf, loss_on
@@ -464,7 +426,7 @@ def test_eval_on_user_data(trained, tmp_path):
 def test_distributed_merge_equals_the_one_process_merge(trained, tmp_path):
     """Two ranks started by the deepspeed launcher share out the output shards; the output is
     the one-process output, bit for bit, with one index and one manifest."""
-    from conftest import _free_port
+    from support.runs import _free_port
 
     run = trained("moe_z2")
     common = ["--last", "3", "--max-shard-size", "400KB", "--quiet"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import PY, REPO, run_cli
+from support.runs import PY, REPO, run_cli
 
 from moe_merge.config.recipe import load_recipe
 from moe_merge.training.model import count_params

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import PY, REPO, run_cli
+from support.runs import PY, REPO, run_cli
 
 from moe_merge.config.recipe import load_recipe
 from moe_merge.errors import ConfigError
@@ -78,14 +78,6 @@ def test_world_size_mismatch_is_refused_before_anything_is_written(tmp_path, dat
 def test_missing_recipe_file():
     proc = run_cli([PY, "-m", "moe_merge.train", "recipes/nope.yaml", "--dry-run"])
     assert proc.returncode == 2 and "nope.yaml" in proc.stderr
-
-
-def test_launcher_wrapper_validates_before_launching(tmp_path):
-    proc = run_cli(["bash", str(REPO / "launch" / "train.sh"), str(TINY),
-                    f"output_dir={tmp_path}", "model.arch=gpt5"])
-    assert proc.returncode == 2
-    assert "model.arch" in proc.stderr
-    assert "deepspeed.launcher" not in proc.stdout + proc.stderr  # no rank was started
 
 
 def test_engine_config_must_not_carry_recipe_keys(tmp_path):

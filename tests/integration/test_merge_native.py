@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch_native
-from test_merge import cli, copy_tag, safetensors_out
+from support.merging import cli, copy_tag, safetensors_out
+from support.runs import launch_native
 
 from moe_merge.checkpoint.reader import DSCheckpoint
 from moe_merge.merge.merger import merge
 
-pytestmark = pytest.mark.distributed
 EXPERT = "blocks.1.moe.deepspeed_moe.experts.deepspeed_experts.3.0.weight"  # on EP rank 1
 
 

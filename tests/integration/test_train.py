@@ -7,23 +7,18 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import DECAY, MOE_RECIPE, REPO, TINY_MOE, launch, read_metrics, train_losses
+from support.runs import (
+    DECAY,
+    MOE_RECIPE,
+    REPO,
+    TINY_MOE,
+    launch,
+    read_metrics,
+    tb_tags,
+    train_losses,
+)
 
 from moe_merge.training.metrics import MOE_SCALARS, TRAIN_SCALARS, VAL_SCALARS
-
-pytestmark = pytest.mark.distributed
-
-
-def tb_tags(tb_dir: Path) -> tuple[set[str], set[str]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars, histos = set(), set()
-    for events in tb_dir.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "histograms": 0})
-        acc.Reload()
-        scalars |= set(acc.Tags()["scalars"])
-        histos |= set(acc.Tags()["histograms"])
-    return scalars, histos
 
 
 def check_run(run_dir: Path, moe: bool, zero_stage: int) -> None:
@@ -95,7 +90,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path, data_cache):
 
 
 def test_resume_refuses_a_changed_model(tmp_path, data_cache):
-    from conftest import run_cli
+    from support.runs import run_cli
 
     common = [*TINY_MOE, f"data.cache_dir={data_cache}", f"output_dir={tmp_path}",
               "train.stop_after_steps=1"]

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: fixture runs and launches, crafted checkpoints, the fuzzer."""
