@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -25,15 +26,19 @@ def trained(tmp_path_factory, data_cache):
     Tests must not modify them: they copy what they change."""
     keep = os.environ.get("MOE_MERGE_TEST_RUNS")
     root = Path(keep) if keep else tmp_path_factory.mktemp("runs")
+    root.mkdir(parents=True, exist_ok=True)
     done: dict[str, Path] = {}
 
     def get(kind: str) -> Path:
         if kind not in done:
             recipe, overrides = RUNS[kind]
-            if not (keep and (root / kind / "checkpoints" / "latest").is_file()):
-                shutil.rmtree(root / kind, ignore_errors=True)  # an unfinished kept run
-                launch(recipe, [*overrides, f"name={kind}", f"output_dir={root}",
-                                f"data.cache_dir={data_cache}"])
+            # a kept run may be wanted by several sessions at once: one trains it, the rest wait
+            with open(root / f".{kind}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (keep and (root / kind / "checkpoints" / "latest").is_file()):
+                    shutil.rmtree(root / kind, ignore_errors=True)  # an unfinished kept run
+                    launch(recipe, [*overrides, f"name={kind}", f"output_dir={root}",
+                                    f"data.cache_dir={data_cache}"])
             done[kind] = root / kind
         return done[kind]
 
