@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# Create .venv beside the repo and install moe-merge with its pinned dependencies.
-# Idempotent: does nothing when pyproject.toml and launch/constraints.txt are unchanged.
+# Create .venv beside the repo and install moe-merge with its pinned dependencies; on a machine
+# without a GPU, compile DeepSpeed's CPU ops once. Run by every launch/ script first.
+# Idempotent and quick (no Python started) when pyproject.toml and launch/constraints.txt are
+# unchanged and the ops are built.
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${MOE_MERGE_VENV:-$ROOT/.venv}
-# DeepSpeed's JIT-compiled ops are cached per virtualenv: checkouts with different venvs would
-# otherwise recompile them in turn in the one shared ~/.cache/torch_extensions.
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PYTHON=${PYTHON:-python3}
 want=$(cat "$ROOT/pyproject.toml" "$ROOT/launch/constraints.txt" | sha256sum | cut -d' ' -f1)
 stamp="$VENV/.moe_merge_installed"
-prebuild_ops() {
-  # Compile DeepSpeed's CPU ops once here rather than in every rank of the first launch.
-  if ! "$VENV/bin/python" -c 'import torch, sys; sys.exit(torch.cuda.is_available())' 2>/dev/null; then
-    return 0
-  fi
-  DS_ACCELERATOR=cpu "$VENV/bin/python" -m moe_merge.training.ops 2>&1 | grep -v "^\[.*WARNING" >&2 || true
+ops_built() {
+  # both CPU ops compiled, and no compile lock left (a killed compile's lock blocks every launch)
+  local ext=$TORCH_EXTENSIONS_DIR
+  [ -f "$ext/deepspeed_shm_comm/deepspeed_shm_comm.so" ] && [ -f "$ext/fused_adam/fused_adam.so" ] \
+    && [ -z "$(find "$ext" -maxdepth 2 -name lock 2>/dev/null)" ]
 }
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
+prebuild_ops() {
+  # GPU nodes: DeepSpeed builds the ops it needs itself. CPU: build once, before any ranks start.
+  if [ "$(gpu_count)" != 0 ] || ops_built; then return 0; fi
+  echo "[setup] compiling DeepSpeed CPU ops (first time only)" >&2
+  DS_ACCELERATOR=cpu "$PY" -m moe_merge.training.ops 2>&1 | grep -v "^\[.*WARNING" >&2 || true
+}
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$PY" ]; then
   prebuild_ops
   exit 0
 fi
@@ -25,11 +28,10 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
   echo "error: $PYTHON is $("$PYTHON" --version 2>&1); moe-merge needs Python >= 3.10" >&2
   exit 2
 fi
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-echo "[setup] installing pinned dependencies into $VENV (torch CPU build, deepspeed, transformers)"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+[ -x "$PY" ] || "$PYTHON" -m venv "$VENV"
+echo "[setup] installing pinned dependencies into $VENV (torch CPU build, deepspeed, transformers)" >&2
+"$PY" -m pip install --quiet --disable-pip-version-check \
   -c "$ROOT/launch/constraints.txt" -e "$ROOT[dev]"
 echo "$want" > "$stamp"
-echo "[setup] compiling DeepSpeed CPU ops (first time only)"
 prebuild_ops
-echo "[setup] done"
+echo "[setup] done" >&2

@@ -3,17 +3,12 @@
 # per GPU with nccl otherwise, several nodes with HOSTFILE=launch/hostfile.
 #   ./launch/train.sh recipes/moe_tiny.yaml train.lr=3e-3 checkpoint.every_tokens=2e5
 # Environment: NUM_RANKS (ranks on this node; default parallel.world_size of the recipe),
-# HOSTFILE (multi-node), MASTER_PORT.
+# HOSTFILE (multi-node), MASTER_PORT. Sets up .venv first if needed (launch/setup_env.sh).
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${MOE_MERGE_VENV:-$ROOT/.venv}
-# DeepSpeed's JIT-compiled ops are cached per virtualenv: checkouts with different venvs would
-# otherwise recompile them in turn in the one shared ~/.cache/torch_extensions.
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}
-PY="$VENV/bin/python"
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ $# -lt 1 ]; then echo "usage: $0 RECIPE [key=value ...]" >&2; exit 2; fi
-cd "$ROOT"
-gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+"$ROOT/launch/setup_env.sh"
+gpus=$(gpu_count)
 if [ "$gpus" = 0 ]; then export DS_ACCELERATOR=cpu; fi
 # Resolving one key validates the whole recipe: errors exit here, before any rank starts.
 n=${NUM_RANKS:-$("$PY" -m moe_merge.train "$@" --get parallel.world_size)}
