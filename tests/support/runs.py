@@ -1,10 +1,13 @@
 """The test runs: tiny recipes, the runs shared by the tests, and the launches that train them."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,25 +65,120 @@ def _free_port() -> int:
 
 def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command as a test would from a shell, with DS_ACCELERATOR=cpu.
+
+    moe-merge commands (``moe-merge``, ``python -m moe_merge[.cli|.train]``) and deepspeed
+    launches of a module or script are forked from the warm interpreter of support/zygote.py
+    (no interpreter start-up, no launcher chain); anything else runs as a subprocess.
+    ``MOE_MERGE_TEST_ZYGOTE=0`` runs everything as subprocesses."""
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})}
+    routed = _route([str(a) for a in args])
+    if routed is not None and os.environ.get("MOE_MERGE_TEST_ZYGOTE", "1") != "0":
+        return zygote().run(args, env=full_env, cwd=cwd, timeout=timeout, **routed)
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=full_env, stdin=subprocess.DEVNULL)
 
 
-def launch(recipe: str, overrides: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Train through launch/train.sh, i.e. the deepspeed launcher with 2 CPU ranks (gloo).
+def _route(args: list[str]) -> dict | None:
+    """What the zygote should run for ``args`` (None: not a command it runs)."""
+    prog = Path(args[0]).name
+    if args[0] == PY and args[1:2] == ["-m"] and args[2] in ("moe_merge", "moe_merge.cli",
+                                                             "moe_merge.train"):
+        return {"module": args[2], "argv": args[3:], "ranks": 0}
+    if prog == "moe-merge":
+        return {"module": "moe_merge", "argv": args[1:], "ranks": 0}
+    if prog == "deepspeed" and args[1:2] == ["--num_gpus"] and args[3:4] == ["--master_port"]:
+        ranks, port, rest = int(args[2]), int(args[4]), args[5:]
+        if rest[:1] == ["--module"]:
+            return {"module": rest[1], "argv": rest[2:], "ranks": ranks, "port": port}
+        return {"script": rest[0], "argv": rest[1:], "ranks": ranks, "port": port}
+    return None
 
-    Also checks that the launch left no DeepSpeed shared-memory segment behind in /dev/shm.
-    """
+
+def launch(recipe: str, overrides: list[str], timeout: int = 600,
+           launcher: bool = False) -> subprocess.CompletedProcess:
+    """Train ``recipe`` with 2 CPU ranks (gloo), as ``launch/train.sh`` does.
+
+    The ranks are forked from the warm interpreter (see :func:`run_cli`); ``launcher=True`` goes
+    through ``launch/train.sh`` and the deepspeed launcher instead (the same run: see
+    tests/integration/test_launch.py). Also checks that the launch left no DeepSpeed
+    shared-memory segment behind in /dev/shm."""
     before = _shm_segments()
-    proc = run_cli(["bash", str(REPO / "launch" / "train.sh"), recipe, *overrides],
-                   timeout=timeout)
+    if launcher:
+        cmd = ["bash", str(REPO / "launch" / "train.sh"), recipe, *overrides]
+    else:
+        from moe_merge.config.recipe import load_recipe
+
+        ranks = load_recipe(recipe, overrides).parallel.world_size or 2
+        cmd = [str(Path(PY).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+               str(_free_port()), "--module", "moe_merge.train", recipe, *overrides]
+    proc = run_cli(cmd, timeout=timeout)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise AssertionError(f"launch failed ({proc.returncode}):\n{tail}")
     left = _shm_segments() - before
     assert not left, f"launch left shared memory behind: {sorted(left)}"
     return proc
+
+
+class Zygote:
+    """Client of support/zygote.py: one server per test session, started on first use."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.work = Path(tempfile.mkdtemp(prefix="moe_merge_zygote_"))
+        self.count = 0
+
+    def _start(self) -> None:
+        env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+        log = open(self.work / "server.log", "w")
+        self.proc = subprocess.Popen([PY, str(Path(__file__).with_name("zygote.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                     text=True, env=env, cwd=REPO)
+        ready = self.proc.stdout.readline()
+        if not ready:
+            log = (self.work / "server.log").read_text()
+            raise RuntimeError(f"the zygote did not start: {log[-2000:]}")
+        atexit.register(self.close)
+
+    def run(self, args, *, env: dict, cwd: Path, timeout: int, module: str | None = None,
+            script: str | None = None, argv: list[str], ranks: int = 0,
+            port: int | None = None) -> subprocess.CompletedProcess:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        self.count += 1
+        out, err = self.work / f"{self.count}.out", self.work / f"{self.count}.err"
+        req = {"argv": argv, "ranks": ranks, "env": env, "cwd": str(cwd), "stdout": str(out),
+               "stderr": str(err), "port": port or _free_port(), "timeout": timeout}
+        req["module" if module else "script"] = module or script
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"the zygote died: {(self.work / 'server.log').read_text()[-2000:]}")
+        reply = json.loads(reply)
+        stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        out.unlink()
+        err.unlink()
+        if reply["timed_out"]:
+            raise subprocess.TimeoutExpired(args, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(args, reply["code"], stdout, stderr)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+_ZYGOTE: Zygote | None = None
+
+
+def zygote() -> Zygote:
+    global _ZYGOTE
+    if _ZYGOTE is None:
+        _ZYGOTE = Zygote()
+    return _ZYGOTE
 
 
 def _shm_segments() -> set[str]:
