@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="print one resolved recipe value (or run_dir) and exit")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None,
                     help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # key=value overrides may follow options
 
 
 def main(argv: list[str] | None = None) -> int:
