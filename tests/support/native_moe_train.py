@@ -3,8 +3,8 @@
 
 Launched by the deepspeed launcher (2 CPU ranks, gloo, ep_size 2):
 
-    deepspeed --num_gpus 2 tests/native_moe_train.py --out DIR --zero 2 [--steps 4] [--bf16]
-    deepspeed --num_gpus 2 tests/native_moe_train.py --out DIR --zero 2 --load CKPT_DIR
+    deepspeed --num_gpus 2 tests/support/native_moe_train.py --out DIR --zero 2 [--steps 4] [--bf16]
+    deepspeed --num_gpus 2 tests/support/native_moe_train.py --out DIR --zero 2 --load CKPT_DIR
 
 Writes ``DIR/checkpoints/global_stepN`` after every step, then the oracle for the merge tests:
 for each tag, a fresh engine ``load_checkpoint``s it and every rank dumps the module parameters

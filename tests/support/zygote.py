@@ -43,11 +43,13 @@ def warm_up() -> None:
         Qwen3MoeForCausalLM,
     )
 
-    import moe_merge.cli  # noqa: F401
+    # not the entry points themselves (moe_merge.train, moe_merge.cli): they run as __main__
+    import moe_merge.config.recipe  # noqa: F401
     import moe_merge.evals.loss  # noqa: F401
     import moe_merge.merge.merger  # noqa: F401
-    import moe_merge.train  # noqa: F401
     import moe_merge.training.trainer  # noqa: F401
+
+    assert not {"moe_merge.train", "moe_merge.cli", "moe_merge.__main__"} & set(sys.modules)
 
 
 def child(req: dict, rank: int | None) -> None:
