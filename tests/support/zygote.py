@@ -43,6 +43,9 @@ def warm_up() -> None:
         Qwen3MoeForCausalLM,
     )
 
+    # DeepSpeed's ZeRO optimizer check imports Muon, whose torch.compile decorators import inductor
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+
     # not the entry points themselves (moe_merge.train, moe_merge.cli): they run as __main__
     import moe_merge.config.recipe  # noqa: F401
     import moe_merge.evals.loss  # noqa: F401
