@@ -1160,7 +1160,7 @@ def run(runs: list[Path], work: Path, seed: int, cases: int, start: int = 0,
     records: list[dict] = []
     t0, peak, workers, k, stop = time.perf_counter(), 0.0, 0, start, start + cases
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": os.pathsep.join(
-        [str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     while k < stop:
         workers += 1
         with tempfile.TemporaryFile() as errf:

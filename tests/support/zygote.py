@@ -5,7 +5,7 @@ check, the deepspeed runner, its ``launch.py``, the ranks), four of them importi
 server imports torch, DeepSpeed, transformers and moe-merge once, runs no tensor op (so no
 thread pool exists when it forks), and then, per request, forks one child per rank that sets the
 environment the deepspeed launcher would set (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT,
-CROSS_RANK/SIZE, LOCAL_SIZE and ``--local_rank=R``) and runs the module or script as
+CROSS_RANK/SIZE, LOCAL_SIZE and ``--local_rank=R`` before the arguments) and runs the module or script as
 ``__main__``, exactly as ``python -m`` would. Like the launcher, when one rank fails the others
 are killed, and the launch's exit code is the first failing rank's.
 
@@ -68,7 +68,7 @@ def child(req: dict, rank: int | None) -> None:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n),
                        LOCAL_SIZE=str(n), CROSS_RANK="0", CROSS_SIZE="1",
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(req["port"]))
-            argv.append(f"--local_rank={rank}")
+            argv.insert(0, f"--local_rank={rank}")  # where launch.py puts it: before the args
         os.environ.clear()
         os.environ.update(env)
         null = os.open(os.devnull, os.O_RDONLY)
