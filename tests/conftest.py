@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support.runs import RUNS, launch, launch_native
+from support.runs import RUNS, cli_in_process, forked_run_logged, launch, launch_native
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +58,13 @@ def native_moe(tmp_path_factory):
         return done[zero]
 
     return get
+
+
+@pytest.fixture
+def study_cli(monkeypatch):
+    """``study_cli(*args)`` -> ``moe-merge ARGS`` run in the test process with every training
+    launch forked from the zygote (as support.runs.launch does), for the studies."""
+    from moe_merge.training import launch as launching
+
+    monkeypatch.setattr(launching, "run_logged", forked_run_logged)
+    return cli_in_process

@@ -39,13 +39,18 @@ def train(recipe: str | Path, overrides: list[str], log: Path, world_size: int =
            *overrides]
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    code = run_logged(cmd, log, env)
+    if code not in (ok_codes or (0,)):
+        tail = " | ".join(log.read_text().strip().splitlines()[-3:])[-400:]
+        raise LaunchError(f"training launch failed (exit {code}), log {log}: {tail}")
+    seconds = time.perf_counter() - t0
+    return seconds if ok_codes is None else (seconds, code)
+
+
+def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> int:
+    """Run ``cmd`` (the launcher) with its output in ``log``; its exit code."""
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                              stdin=subprocess.DEVNULL)
-    if proc.returncode not in (ok_codes or (0,)):
-        tail = " | ".join(log.read_text().strip().splitlines()[-3:])[-400:]
-        raise LaunchError(f"training launch failed (exit {proc.returncode}), log {log}: {tail}")
-    seconds = time.perf_counter() - t0
-    return seconds if ok_codes is None else (seconds, proc.returncode)
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                              stdin=subprocess.DEVNULL).returncode

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from support.runs import PY, REPO, run_cli
+from support.runs import REPO
 
 from moe_merge.studies.anneal import (
     STRATEGIES,
@@ -19,10 +19,10 @@ STUDY = REPO / "recipes" / "study_anneal_tiny.yaml"
 
 
 @pytest.mark.distributed
-def test_quick_study_runs_end_to_end(tmp_path, data_cache):
+def test_quick_study_runs_end_to_end(tmp_path, data_cache, study_cli):
     out = tmp_path / "study"
-    proc = run_cli([PY, "-m", "moe_merge", "study", "anneal", str(STUDY), "--quick",
-                    "--out", str(out), f"data.cache_dir={data_cache}"], timeout=1200)
+    proc = study_cli("study", "anneal", str(STUDY), "--quick",
+                    "--out", str(out), f"data.cache_dir={data_cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert [s["seed"] for s in res["seeds"]] == [1]
@@ -61,8 +61,8 @@ def test_quick_study_runs_end_to_end(tmp_path, data_cache):
         assert (out / png).stat().st_size > 1000
     assert list((out / "tb").glob("events.out.tfevents.*"))
     # the same command again reuses every run (all complete) and rewrites the same numbers
-    again = run_cli([PY, "-m", "moe_merge", "study", "anneal", str(STUDY), "--quick",
-                     "--out", str(out), f"data.cache_dir={data_cache}"], timeout=600)
+    again = study_cli("study", "anneal", str(STUDY), "--quick",
+                     "--out", str(out), f"data.cache_dir={data_cache}")
     assert again.returncode == 0, again.stderr[-2000:]
     res2 = json.loads((out / "results.json").read_text())
     assert res2["seeds"][0]["forks"] == res["seeds"][0]["forks"]

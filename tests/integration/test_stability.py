@@ -12,7 +12,6 @@ import torch
 from support.runs import (
     DECAY,
     MOE_RECIPE,
-    PY,
     TINY_MOE,
     launch,
     read_metrics,
@@ -170,13 +169,13 @@ def test_a_spike_with_no_checkpoint_before_it_stops_the_run(tmp_path, data_cache
 
 
 @pytest.mark.distributed
-def test_quick_studies_write_complete_results(tmp_path, data_cache):
+def test_quick_studies_write_complete_results(tmp_path, data_cache, study_cli):
     from moe_merge.studies.stability import ARMS, PMA_INIT_METRICS
 
     recipe = Path(MOE_RECIPE)
     out = tmp_path / "pi"
-    proc = run_cli([PY, "-m", "moe_merge", "study", "pma-init", str(recipe), "--quick", "--out",
-                    str(out), f"data.cache_dir={data_cache}"], timeout=1200)
+    proc = study_cli("study", "pma-init", str(recipe), "--quick", "--out",
+                    str(out), f"data.cache_dir={data_cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["kind"] == "pma-init" and [s["seed"] for s in res["seeds"]] == [1]
@@ -201,8 +200,8 @@ def test_quick_studies_write_complete_results(tmp_path, data_cache):
     assert "Peak LR 0.006" in (out / "report.md").read_text()
 
     out = tmp_path / "spike"
-    proc = run_cli([PY, "-m", "moe_merge", "study", "spike", str(recipe), "--quick", "--out",
-                    str(out), f"data.cache_dir={data_cache}"], timeout=1200)
+    proc = study_cli("study", "spike", str(recipe), "--quick", "--out",
+                    str(out), f"data.cache_dir={data_cache}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["kind"] == "spike" and list(res["summary"]) == list(ARMS)

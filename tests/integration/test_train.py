@@ -1,16 +1,17 @@
-"""2-rank gloo runs through launch/train.sh (the deepspeed launcher): train, save, log, resume."""
+"""2-rank gloo runs: train, save, log, resume, fork (the launcher path itself: test_launch.py)."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 from support.runs import (
-    DECAY,
     MOE_RECIPE,
     REPO,
+    RUNS,
     TINY_MOE,
     launch,
     read_metrics,
@@ -67,47 +68,47 @@ def test_dense_trains_and_saves(zero_stage, trained):
     check_run(trained(f"dense_z{zero_stage}"), moe=False, zero_stage=zero_stage)
 
 
-def test_resume_reproduces_the_uninterrupted_losses(tmp_path, data_cache):
+def test_resume_reproduces_the_uninterrupted_losses(trained, tmp_path, data_cache):
     """Interrupt at step 5 (not a checkpoint boundary of the every-2 interval), resume, compare
-    every step's loss and the final validation loss with an uninterrupted run."""
-    common = [*TINY_MOE, *DECAY, f"data.cache_dir={data_cache}"]
-    launch(MOE_RECIPE, [*common, f"output_dir={tmp_path / 'whole'}"])
-    launch(MOE_RECIPE, [*common, f"output_dir={tmp_path / 'cut'}", "train.stop_after_steps=5"])
-    cut = tmp_path / "cut" / "moe_tiny"
+    every step's loss and the final validation loss with the uninterrupted run (moe_z2)."""
+    recipe, overrides = RUNS["moe_z2"]
+    common = [*overrides, "name=cut", f"output_dir={tmp_path}", f"data.cache_dir={data_cache}"]
+    launch(recipe, [*common, "train.stop_after_steps=5"])
+    cut = tmp_path / "cut"
     assert (cut / "checkpoints" / "latest").read_text().strip() == "global_step5"
     assert max(train_losses(cut)) == 5
-    launch(MOE_RECIPE, [*common, f"output_dir={tmp_path / 'cut'}"])  # train.resume=auto
-    whole = train_losses(tmp_path / "whole" / "moe_tiny")
+    launch(recipe, common)  # train.resume=auto
+    whole = train_losses(trained("moe_z2"))
     resumed = train_losses(cut)
     assert sorted(resumed) == list(range(1, 9))
     # Same data order, LR and optimizer state: equal up to float rounding of the reduction order
     # (an ulp of fp32 has been seen on one step; weights stay equal, later steps match exactly).
     assert resumed == pytest.approx(whole, rel=1e-6, abs=0)
     val = [m["val/loss"] for m in read_metrics(cut) if m["step"] == 8 and "val/loss" in m]
-    val_whole = [m["val/loss"] for m in read_metrics(tmp_path / "whole" / "moe_tiny")
+    val_whole = [m["val/loss"] for m in read_metrics(trained("moe_z2"))
                  if m["step"] == 8 and "val/loss" in m]
-    assert val == pytest.approx(val_whole, rel=1e-6)
+    assert val and val == pytest.approx(val_whole, rel=1e-6)
 
 
-def test_resume_refuses_a_changed_model(tmp_path, data_cache):
+def test_resume_refuses_a_changed_model(trained, tmp_path, data_cache):
+    """Resuming a copy of moe_z2 through launch/train.sh with another model stops in one line."""
     from support.runs import run_cli
 
-    common = [*TINY_MOE, f"data.cache_dir={data_cache}", f"output_dir={tmp_path}",
-              "train.stop_after_steps=1"]
-    launch(MOE_RECIPE, common)
-    proc = run_cli(["bash", str(REPO / "launch" / "train.sh"), MOE_RECIPE, *common,
+    recipe, overrides = RUNS["moe_z2"]
+    shutil.copytree(trained("moe_z2"), tmp_path / "moe_z2")
+    proc = run_cli(["bash", str(REPO / "launch" / "train.sh"), recipe, *overrides, "name=moe_z2",
+                    f"output_dir={tmp_path}", f"data.cache_dir={data_cache}",
                     "model.num_layers=3"])
     assert proc.returncode != 0
     assert "model" in proc.stderr and "differs from the run being resumed" in proc.stderr
 
 
-def test_fork_starts_an_annealing_branch_from_a_checkpoint(tmp_path, data_cache):
+def test_fork_starts_an_annealing_branch_from_a_checkpoint(trained, tmp_path, data_cache):
     """A branch forked at step 4 with its own decay: its first step sees the parent's weights
     after step 4 (same loss as the parent's step 5), then follows its own schedule."""
-    common = [*TINY_MOE, f"data.cache_dir={data_cache}"]
-    launch(MOE_RECIPE, [*common, f"output_dir={tmp_path / 'parent'}"])
-    parent = tmp_path / "parent" / "moe_tiny"
+    parent = trained("moe_z2")  # its own decay starts at step 7: steps 1-5 see the same LR
     fork_from = parent / "checkpoints" / "global_step4"
+    common = [*TINY_MOE, f"data.cache_dir={data_cache}"]
     launch(MOE_RECIPE, [*common, f"output_dir={tmp_path}", "name=branch",
                         f"train.fork_from={fork_from}", "schedule.decay_tokens=1024",
                         "schedule.decay_shape=cosine"])

@@ -204,3 +204,31 @@ def tb_tags(tb_dir: Path) -> tuple[set[str], set[str]]:
         scalars |= set(acc.Tags()["scalars"])
         histos |= set(acc.Tags()["histograms"])
     return scalars, histos
+
+
+def forked_run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> int:
+    """``moe_merge.training.launch.run_logged`` with the ranks forked from the zygote."""
+    with open(log, "w") as f:
+        f.write(" ".join(cmd) + "\n\n")
+    proc = run_cli(cmd, env=env, timeout=1200)
+    with open(log, "a") as f:
+        f.write(proc.stdout + proc.stderr)
+    return proc.returncode
+
+
+def cli_in_process(*args) -> subprocess.CompletedProcess:
+    """``moe-merge ARGS`` run in this process (what a study does besides its launches: merges,
+    evaluations, reports), output captured."""
+    import contextlib
+    import io
+
+    from moe_merge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["moe-merge", *map(str, args)], code, out.getvalue(),
+                                       err.getvalue())
