@@ -10,13 +10,6 @@ from moe_merge import __version__
 from moe_merge.errors import MoeMergeError
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def _inspect(args) -> int:
     from moe_merge.checkpoint.inspect import inspect, render
 
@@ -26,15 +19,15 @@ def _inspect(args) -> int:
 
 
 def _merge(args) -> int:
-    from moe_merge.merge.merger import merge
+    from moe_merge.merge.merger import OutputOptions, merge
+    from moe_merge.merge.selection import Selection
 
-    tags = [t for t in args.tags.split(",") if t.strip()] if args.tags else None
-    merge(args.ckpts, args.out, strategy=args.strategy, alpha=args.alpha, weights=args.weights,
-          last=args.last, every=args.every, tags=tags, fmt=args.format,
-          hf_config=args.hf_config, max_shard_size=args.max_shard_size,
-          overwrite=args.overwrite, source=args.source, allow_nonfinite=args.allow_nonfinite,
-          verify=not args.no_verify, progress=not args.quiet,
-          optimizer_state=args.optimizer_state, distributed=args.distributed)
+    output = OutputOptions(fmt=args.format, hf_config=args.hf_config,
+                           max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                           optimizer_state=args.optimizer_state)
+    merge(args.ckpts, args.out, Selection.from_args(args), output, source=args.source,
+          allow_nonfinite=args.allow_nonfinite, verify=not args.no_verify,
+          progress=not args.quiet, distributed=args.distributed)
     return 0
 
 
@@ -89,10 +82,9 @@ def _stability_study(args, out, echo) -> int:
 
 def _analyze(args) -> int:
     from moe_merge.evals.analyze import analyze, render
+    from moe_merge.merge.selection import Selection
 
-    tags = [t for t in args.tags.split(",") if t.strip()] if args.tags else None
-    result = analyze(args.ckpts, strategy=args.strategy, alpha=args.alpha, weights=args.weights,
-                     last=args.last, every=args.every, tags=tags, reference=args.reference,
+    result = analyze(args.ckpts, selection=Selection.from_args(args), reference=args.reference,
                      recipe=args.recipe, overrides=args.set or [], hf_config=args.hf_config,
                      batches=args.batches, micro_batch=args.micro_batch,
                      float64=args.float64, out=args.out,
@@ -117,7 +109,24 @@ def _eval(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from moe_merge.evals.compare import compare, render
+
+    result = compare(args.run, args.merged, png=args.png, recipe=args.recipe,
+                     hf_config=args.hf_config,
+                     echo=(lambda s: None) if args.quiet else None)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(render(result), end="")
+    if result["png"]:
+        print(f"plot: {result['png']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from moe_merge.merge import selection
+
     ap = argparse.ArgumentParser(
         prog="moe-merge",
         description="Model merging during LLM pre-training (PMA) for DeepSpeed dense and MoE runs.",
@@ -137,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="describe DeepSpeed checkpoints: tags, steps, layout, "
                                          "parameter counts, whether they can be merged")
-    ins.add_argument("ckpt", help="a run directory, its checkpoints/ directory, or one global_stepN/")
+    ins.add_argument("ckpt", help="a run directory, its checkpoints/ directory, or one "
+                                  "global_stepN/")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
 
     mg = sub.add_parser("merge", help="average checkpoints (SMA / EMA / WMA / explicit weights) "
@@ -145,19 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("ckpts", nargs="+", metavar="CKPT",
                     help="run directories, checkpoints/ directories or global_stepN/ directories")
     mg.add_argument("--out", required=True, help="output directory (written atomically)")
-    mg.add_argument("--strategy", default="sma", choices=["sma", "wma", "ema"],
-                    help="sma: equal weights (default); wma: weight i/sum(j); ema: recursion with "
-                         "--alpha, started at the oldest checkpoint")
-    mg.add_argument("--alpha", type=float, default=None, help="EMA smoothing (paper: 0.1, 0.2)")
-    mg.add_argument("--weights", type=_floats, default=None,
-                    help="explicit weights w1,...,wN for the selected checkpoints, oldest first "
-                         "(normalised to sum 1)")
-    mg.add_argument("--last", type=int, default=None, help="merge the newest N checkpoints")
-    mg.add_argument("--every", type=int, default=None,
-                    help="take every K-th checkpoint counted back from the newest (interval V = "
-                         "K save intervals)")
-    mg.add_argument("--tags", default=None, help="comma-separated tags, e.g. global_step20,"
-                                                 "global_step40")
+    selection.add_arguments(mg)
     mg.add_argument("--format", default="hf", choices=["hf", "safetensors", "deepspeed"],
                     help="hf: transformers directory (default); safetensors: the full logical "
                          "state dict under the checkpoint's own parameter names; deepspeed: a "
@@ -167,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Adam moments of a deepspeed output: zeroed, the newest checkpoint's "
                          "(default), or averaged with the same weights")
     mg.add_argument("--hf-config", default=None,
-                    help="directory with the HF config.json (and tokenizer) when the run has no hf/")
+                    help="directory with the HF config.json (and tokenizer) when the run has no "
+                         "hf/")
     mg.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (2GB)")
     mg.add_argument("--source", default="master", choices=["master", "module"],
                     help="master: fp32 master weights from the optimizer partitions (default); "
@@ -203,13 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "the measured gain")
     an.add_argument("ckpts", nargs="+", metavar="CKPT",
                     help="run directories, checkpoints/ directories or global_stepN/ directories")
-    an.add_argument("--strategy", default="sma", choices=["sma", "wma", "ema"],
-                    help="merge weights, as for merge (default sma)")
-    an.add_argument("--alpha", type=float, default=None, help="EMA smoothing")
-    an.add_argument("--weights", type=_floats, default=None, help="explicit weights, oldest first")
-    an.add_argument("--last", type=int, default=None, help="the newest N checkpoints")
-    an.add_argument("--every", type=int, default=None, help="every K-th checkpoint from the newest")
-    an.add_argument("--tags", default=None, help="comma-separated tags")
+    selection.add_arguments(an)
     an.add_argument("--reference", default=None,
                     help="expand around this point instead of the merged weights: a checkpoint "
                          "tag, a run (its newest tag) or an HF model directory, e.g. an annealed "
@@ -248,6 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--hf-config", default=None, help="HF config directory for a checkpoint "
                                                       "without hf/")
     ev.add_argument("--json", action="store_true")
+
+    cp = sub.add_parser("compare", help="a merged model against its run: latest checkpoint and "
+                                        "merged validation loss, the gain, and a plot of every "
+                                        "checkpoint's loss against tokens")
+    cp.add_argument("run", help="the run directory the merge was made from")
+    cp.add_argument("merged", help="a moe-merge merge output (HF directory with its manifest)")
+    cp.add_argument("--png", default=None,
+                    help="write the plot here (evaluates every checkpoint of the run)")
+    cp.add_argument("--recipe", default=None,
+                    help="recipe giving the validation batches (default: RUN/recipe.yaml)")
+    cp.add_argument("--hf-config", default=None, help="HF config directory for checkpoints of a "
+                                                      "run without hf/")
+    cp.add_argument("--json", action="store_true", help="print every number as JSON")
+    cp.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return ap
 
 
@@ -269,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return 0
     handlers = {"inspect": _inspect, "merge": _merge, "eval": _eval, "study": _study,
-                "analyze": _analyze}
+                "analyze": _analyze, "compare": _compare}
     try:
         return handlers[args.command](args)
     except MoeMergeError as e:  # bad input or a failed step: one line, exit 2

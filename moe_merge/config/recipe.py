@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moe_merge.errors import ConfigError
+from moe_merge.merge.strategies import STRATEGIES
 
 MOE_ARCHS = ("qwen3_moe", "mixtral")
 DENSE_ARCHS = ("qwen3", "llama")
@@ -414,8 +415,8 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
     _validate_stability(cfg)
     pm = cfg.pma_monitor
     if pm.enabled:
-        _require(pm.strategy in ("sma", "wma", "ema"), "pma_monitor.strategy",
-                 f"'{pm.strategy}' is not one of sma, wma, ema")
+        _require(pm.strategy in STRATEGIES, "pma_monitor.strategy",
+                 f"'{pm.strategy}' is not one of {', '.join(STRATEGIES)}")
         _require(pm.n >= 2, "pma_monitor.n", f"must be >= 2, got {pm.n}")
         _require(pm.interval >= 1, "pma_monitor.interval", f"must be >= 1, got {pm.interval}")
         _require(0.0 < pm.alpha <= 1.0, "pma_monitor.alpha", f"must be in (0, 1], got {pm.alpha}")
@@ -439,8 +440,8 @@ def _validate_stability(cfg: RecipeConfig) -> None:
     _require(0.0 < st.trend_beta < 1.0, "stability.trend_beta", "must be in (0, 1)")
     _require(st.min_steps >= 1, "stability.min_steps", "must be >= 1")
     _require(st.pma_n >= 1, "stability.pma_n", "must be >= 1")
-    _require(st.pma_strategy in ("sma", "wma", "ema"), "stability.pma_strategy",
-             f"'{st.pma_strategy}' is not one of sma, wma, ema")
+    _require(st.pma_strategy in STRATEGIES, "stability.pma_strategy",
+             f"'{st.pma_strategy}' is not one of {', '.join(STRATEGIES)}")
     _require(0.0 < st.pma_alpha <= 1.0, "stability.pma_alpha", "must be in (0, 1]")
     _require(st.optimizer_state in OPTIMIZER_POLICIES, "stability.optimizer_state",
              f"'{st.optimizer_state}' is not one of {', '.join(OPTIMIZER_POLICIES)}")

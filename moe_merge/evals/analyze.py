@@ -29,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+from moe_merge.merge.selection import Selection
+from moe_merge.merge.strategies import weighted_sum
+
 # (model, batch) -> summed loss over the batch's tokens (a scalar tensor) and the token count
 LossFn = Callable[[torch.nn.Module, object], "tuple[torch.Tensor, int]"]
 
@@ -160,12 +163,8 @@ def second_order(model: torch.nn.Module, points: list[dict], weights: Sequence[f
     if len(w) != k or abs(sum(w) - 1.0) > 1e-9:
         raise ValueError(f"need {k} weights summing to 1, got {w}")
     dtype = params[0].dtype
-    merged = []
-    for n in names:
-        acc = torch.zeros(points[0][n].shape, dtype=torch.float64)
-        for wi, pt in zip(w, points):
-            acc.add_(pt[n].to(torch.float64), alpha=wi)
-        merged.append(acc.to(dtype))
+    merged = [torch.from_numpy(weighted_sum([pt[n] for pt in points], w)).to(dtype)
+              for n in names]
 
     def mean_loss(values) -> tuple[float, int]:
         _set(params, values)
@@ -286,15 +285,13 @@ def _state_of(path: Path, hf_dir: Path) -> dict:
     return hf_state(find_tags([path])[-1].path, hf_dir)
 
 
-def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float | None = None,
-            weights: Sequence[float] | None = None, last: int | None = None,
-            every: int | None = None, tags: Sequence[str] | None = None,
+def analyze(ckpts: Sequence[str | Path], *, selection: Selection = Selection(),
             reference: str | Path | None = None, recipe: str | Path | None = None,
             overrides: Sequence[str] = (), hf_config: str | Path | None = None,
             batches: int | None = None, micro_batch: int | None = None, float64: bool = False,
             out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
             echo=print) -> dict:
-    """Select checkpoints as ``moe-merge merge`` does, measure the second-order terms of their
+    """Choose checkpoints and weights by ``selection`` as ``moe-merge merge`` does, measure the second-order terms of their
     merge on the run's fixed validation batches (the first ``batches`` micro-batches of
     ``micro_batch`` windows, default the recipe's), and write ``analysis.json``, ``report.md``
     and ``hessian_terms.png`` into ``out`` (atomically) when given."""
@@ -305,7 +302,7 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
     from moe_merge.merge.merger import hf_state, input_dirs, plan
     from moe_merge.merge.writer import check_apart, check_target
 
-    chosen, w = plan(ckpts, strategy, alpha, weights, last, every, tags)
+    chosen, w = plan(ckpts, selection)
     if len(chosen) < 2:
         raise MergeError("analyze needs at least 2 checkpoints (use --last N)")
     if reference is not None and not Path(reference).exists():
@@ -349,7 +346,7 @@ def analyze(ckpts: Sequence[str | Path], *, strategy: str = "sma", alpha: float 
     terms = second_order(model, points, w, data, lm_loss_sum, reference=ref, progress=progress,
                          consume=True)
     result = {"checkpoints": [str(t.path) for t in chosen], "steps": [t.step for t in chosen],
-              "strategy": strategy, "alpha": alpha if strategy == "ema" else None,
+              "strategy": selection.kind, "alpha": selection.alpha,
               "reference": str(reference) if reference is not None else "merged",
               "recipe": str(recipe_path), "batches": len(data), "micro_batch": mb,
               "dtype": str(dtype).split(".")[-1],

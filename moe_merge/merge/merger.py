@@ -22,12 +22,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from moe_merge import __version__
-from moe_merge.checkpoint.discover import MAX_STEP_DIGITS, Tag, find_tags, hf_dir_for, is_tag_dir
+from moe_merge.checkpoint.discover import Tag, find_tags, hf_dir_for, is_tag_dir
 from moe_merge.checkpoint.names import (
     OutTensor,
     check_against_hf,
@@ -39,7 +40,8 @@ from moe_merge.checkpoint.reader import DSCheckpoint, crc32
 from moe_merge.checkpoint.safe_load import Record, pread_exact
 from moe_merge.errors import CheckpointError, MergeError
 from moe_merge.merge import hf_files
-from moe_merge.merge.strategies import select, strategy_weights
+from moe_merge.merge.selection import Selection
+from moe_merge.merge.strategies import axpy, weighted_sum
 from moe_merge.merge.writer import (
     ShardWriter,
     atomic_dir,
@@ -59,25 +61,9 @@ CHUNK = 1 << 18
 PREFETCH_BYTES = 256 << 20  # read-ahead requested beyond the tensor being merged
 
 
-def _tag_filter(tags: Sequence[str | int] | None) -> list[int] | None:
-    if tags is None:
-        return None
-    steps = []
-    for t in tags:
-        s = str(t).strip()
-        s = s[len("global_step"):] if s.startswith("global_step") else s
-        if not (s.isascii() and s.isdigit() and len(s) <= MAX_STEP_DIGITS):
-            raise MergeError(f"--tags: {str(t)[:40]!r} is not a tag like global_step200 or a "
-                             "step number")
-        steps.append(int(s))
-    return steps
-
-
-def plan(ckpts: Sequence[str | Path], strategy: str = "sma", alpha: float | None = None,
-         weights: Sequence[float] | None = None, last: int | None = None,
-         every: int | None = None, tags: Sequence[str | int] | None = None
+def plan(ckpts: Sequence[str | Path], selection: Selection = Selection()
          ) -> tuple[list[Tag], list[float]]:
-    """Select the checkpoints and compute their effective weights (nothing is read yet)."""
+    """The checkpoints ``selection`` chooses and their effective weights (nothing is read yet)."""
     found = find_tags(list(ckpts))
     if any(t.step < 0 for t in found):  # steps stored only in the model states (e.g. Accelerate)
         found = sorted([t if t.step >= 0 else Tag(t.path, _stored_step(t.path), t.run_dir, t.meta)
@@ -88,8 +74,8 @@ def plan(ckpts: Sequence[str | Path], strategy: str = "sma", alpha: float | None
             raise CheckpointError(f"two checkpoints at step {t.step}: {by_step[t.step].path} and "
                                   f"{t.path}")
         by_step[t.step] = t
-    chosen = [by_step[s] for s in select(list(by_step), last, every, _tag_filter(tags))]
-    return chosen, strategy_weights(strategy, len(chosen), alpha, weights)
+    chosen = selection.choose(list(by_step.values()))
+    return chosen, selection.weights_for(len(chosen))
 
 
 def _stored_step(tag_dir: Path) -> int:
@@ -150,7 +136,8 @@ def _check_compatible(readers: list[DSCheckpoint]) -> None:
                                       "checkpoints of different models")
             if have[name] != shape:
                 raise CheckpointError(f"{r.dir}: tensor {name} has shape {list(have[name])}, "
-                                      f"{ref.dir} has {list(shape)}: checkpoints of different models")
+                                      f"{ref.dir} has {list(shape)}: checkpoints of different "
+                                      "models")
         extra = [n for n in have if n not in want]
         if extra:
             raise CheckpointError(f"{r.dir}: tensor {extra[0]} not in {ref.dir}: checkpoints of "
@@ -213,20 +200,6 @@ def _out_segments(r: DSCheckpoint, o: OutTensor, source: str) -> list[Segment] |
     return segs
 
 
-def _axpy(acc: np.ndarray, x: np.ndarray, w: float, wide: np.ndarray) -> None:
-    """``acc += w * x`` in float64 (``x`` float32), ``wide`` a float64 scratch buffer; the one
-    place the weighted sum is computed, so every path rounds alike."""
-    step = len(wide)
-    with np.errstate(all="ignore"):  # a non-finite result is found by the caller's sum
-        for i in range(0, len(x), step):
-            t = wide[:min(step, len(x) - i)]
-            np.copyto(t, x[i:i + len(t)])  # widened first: the product is a float64 one
-            if w != 1.0:
-                np.multiply(t, w, out=t)
-            dst = acc[i:i + len(t)]
-            np.add(dst, t, out=dst)
-
-
 def _accumulate_chunked(acc: np.ndarray, segs: list[list[Segment]], weights: list[float],
                         notes: list[Callable | None], out: np.ndarray, zero: bool,
                         span: tuple[int, int] | None = None) -> float:
@@ -264,7 +237,7 @@ def _accumulate_chunked(acc: np.ndarray, segs: list[list[Segment]], weights: lis
                 pread_exact(fd, view, pos, rec.path)
                 if note is not None:  # checksummed while the bytes are in cache
                     note(rec, pos, len(view), crc32(view))
-                _axpy(a[lo - c0:hi - c0], stage[:hi - lo], w, wide)
+                axpy(a[lo - c0:hi - c0], stage[:hi - lo], w, wide)
                 j += 1
         with np.errstate(all="ignore"):  # overflow in the rounding or the sum: not finite
             out[c0:c1] = a
@@ -306,170 +279,250 @@ def describe(tags: list[Tag], weights: list[float]) -> str:
     return "\n".join(lines)
 
 
-def merge(ckpts: Sequence[str | Path], out: str | Path, *, strategy: str = "sma",
-          alpha: float | None = None, weights: Sequence[float] | None = None,
-          last: int | None = None, every: int | None = None,
-          tags: Sequence[str | int] | None = None, fmt: str = "hf",
-          hf_config: str | Path | None = None, max_shard_size: str | int = "2GB",
-          overwrite: bool = False, source: str = "master", allow_nonfinite: bool = False,
-          verify: bool = True, progress: bool = True, optimizer_state: str = "latest",
-          echo: Callable[[str], None] | None = None, distributed: bool = False) -> dict:
-    """Merge DeepSpeed checkpoints into ``out``; returns the manifest (also written there).
+@dataclass(frozen=True)
+class OutputOptions:
+    """What :func:`merge` writes: ``fmt`` (hf: a transformers directory; safetensors: the
+    state dict under the checkpoint's own names; deepspeed: a checkpoint in the newest input's
+    layout), ``hf_config`` (the directory whose HF config.json an hf output follows; default
+    the run's hf/), ``max_shard_size`` (largest safetensors shard), ``overwrite`` (replace an
+    existing output) and ``optimizer_state`` (Adam moments of a deepspeed output: reset,
+    latest or merged). Checked when made."""
 
-    ``distributed``: this process is one rank of a merge started by a launcher (deepspeed,
-    torchrun); the output shards are shared out among the ranks, each reads only the bytes of
-    its own shards, and rank 0 writes the index and manifest and moves the output into place.
-    The output is the same, bit for bit, as a one-process merge's. ``out`` must be on a file
-    system every rank sees."""
+    fmt: str = "hf"
+    hf_config: str | Path | None = None
+    max_shard_size: str | int = "2GB"
+    overwrite: bool = False
+    optimizer_state: str = "latest"
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise MergeError(f"--format: unknown format {self.fmt!r} (choose from "
+                             f"{', '.join(FORMATS)})")
+        parse_size(self.max_shard_size)
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+
+@dataclass
+class _Job:
+    """One merge, filled in step by step: what it takes (``chosen``, ``weights``), where from
+    (``readers``, ``hf_dir``), what it writes (``outs``, ``copies``)."""
+
+    out: Path
+    selection: Selection
+    output: OutputOptions
+    source: str
+    chosen: list[Tag]
+    weights: list[float]
+    hf_dir: Path | None
+    readers: list[DSCheckpoint] = field(default_factory=list)
+    outs: list[OutTensor] = field(default_factory=list)
+    copies: list[hf_files.HFFile] = field(default_factory=list)
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+
+def merge(ckpts: Sequence[str | Path], out: str | Path, selection: Selection = Selection(),
+          output: OutputOptions = OutputOptions(), *, source: str = "master",
+          verify: bool = True, allow_nonfinite: bool = False, progress: bool = True,
+          echo: Callable[[str], None] | None = None, distributed: bool = False) -> dict:
+    """Merge the checkpoints ``selection`` chooses among ``ckpts`` into ``out``, written as
+    ``output`` says; returns the manifest (also written there).
+
+    ``source``: master (the fp32 weights of the optimizer partitions) or module. ``verify``:
+    check the CRC-32 of every record read. ``allow_nonfinite``: merge NaN or Inf values
+    instead of refusing them. ``distributed``: this process is one rank of a merge started by
+    a launcher (deepspeed, torchrun); the output shards are shared out among the ranks, each
+    reads only the bytes of its own shards, and rank 0 writes the index and manifest and moves
+    the output into place. The output is the same, bit for bit, as a one-process merge's.
+    ``out`` must be on a file system every rank sees."""
     echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
-    if fmt not in FORMATS:
-        raise MergeError(f"--format: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-    if distributed and fmt == "deepspeed":
+    if distributed and output.fmt == "deepspeed":
         raise MergeError("--distributed writes hf or safetensors output; --format deepspeed is "
                          "written by one process")
     rank, world, dist, own_group = _init_distributed() if distributed else (0, 1, None, False)
-    if rank:
-        echo = lambda s: None  # noqa: E731 - rank 0 speaks for all
+    try:
+        if rank:
+            echo = lambda s: None  # noqa: E731 - rank 0 speaks for all
+        job = _resolve(ckpts, Path(out), selection, output, source)
+        try:
+            _open(job, verify, echo)
+            return _write(job, rank, world, dist, verify, allow_nonfinite, progress, echo)
+        finally:
+            job.close()
+    finally:
+        if own_group:  # gloo's threads left running at interpreter exit can abort the process
+            dist.destroy_process_group()
+
+
+def _resolve(ckpts: Sequence[str | Path], out: Path, selection: Selection,
+             output: OutputOptions, source: str) -> _Job:
+    """Check the options and the output's place, choose the checkpoints and find the HF
+    config; nothing is opened yet."""
     if source not in ("master", "module"):
         raise MergeError(f"--source: unknown source {source!r} (master or module)")
-    out = Path(out)
-    check_target(out, overwrite)
-    shard_bytes = parse_size(max_shard_size)
-    chosen, w = plan(ckpts, strategy, alpha, weights, last, every, tags)
-    hf_dir = hf_dir_for(chosen, hf_config)
+    check_target(out, output.overwrite)
+    chosen, weights = plan(ckpts, selection)
+    hf_dir = hf_dir_for(chosen, output.hf_config)
     check_apart(out, input_dirs(ckpts, chosen, hf_dir))  # before anything is opened
-    readers: list[DSCheckpoint] = []
-    try:
-        for t in chosen:
-            readers.append(DSCheckpoint(t.path, verify=verify, verify_async=True))
-        _check_compatible(readers)
-        for r in readers:
-            if source == "module" or not r.has_master:
-                r.check_module()  # every module weight checked before a line is said
-        newest = readers[-1]
-        if source == "master":
-            for t, r in zip(chosen, readers):
-                if not r.has_master:
-                    echo(f"warning: {t.path} has no optimizer partitions; reading its module "
-                         "weights" + (" (bf16, rounded)" if r.bf16 else ""))
-        shapes = newest.signature()
-        copies: list[hf_files.HFFile] = []
-        if fmt == "hf":
-            if hf_dir is None:
-                raise MergeError(f"{chosen[-1].path}: no hf/config.json in the run directory; "
-                                 "pass --hf-config DIR (a directory with the model's HF "
-                                 "config.json)")
-            outs = _hf_outs(newest, hf_dir)
-            copies = hf_files.plan_copy(hf_dir)
-            if rank == 0 and (left := hf_files.skipped(hf_dir)):
-                echo(f"note: not copied from {hf_dir} (not an HF config or tokenizer file): "
-                     f"{', '.join(left)}")
-        else:
-            outs = identity_map(shapes)
-        if fmt == "deepspeed" and source != "master":
-            raise MergeError("--format deepspeed writes fp32 master weights: use --source "
-                             "master")
-    except BaseException:
-        for r in readers:
-            r.close()
-        raise
+    return _Job(out, selection, output, source, chosen, weights, hf_dir)
 
-    f32 = np.dtype(np.float32)
-    shards = plan_shards([(o.name, o.shape, f32) for o in outs], shard_bytes)
-    if world > 1:
-        nbytes = {o.name: math.prod(o.shape) * 4 for o in outs}
-        mine = {i for i, r in enumerate(assign_shards(shards, nbytes, world)) if r == rank}
-        owned = {name for i in mine for name in shards[i]}
-        outs_mine = [o for o in outs if o.name in owned]
+
+def _open(job: _Job, verify: bool, echo: Callable[[str], None]) -> None:
+    """Open every chosen checkpoint, check that they are of one model and can be read from
+    ``job.source``, and list the output tensors (and HF files to copy) from the newest."""
+    for t in job.chosen:
+        job.readers.append(DSCheckpoint(t.path, verify=verify, verify_async=True))
+    _check_compatible(job.readers)
+    for r in job.readers:
+        if job.source == "module" or not r.has_master:
+            r.check_module()  # every module weight checked before a line is said
+    if job.source == "master":
+        for t, r in zip(job.chosen, job.readers):
+            if not r.has_master:
+                echo(f"warning: {t.path} has no optimizer partitions; reading its module "
+                     "weights" + (" (bf16, rounded)" if r.bf16 else ""))
+    newest, fmt = job.readers[-1], job.output.fmt
+    if fmt == "hf":
+        if job.hf_dir is None:
+            raise MergeError(f"{job.chosen[-1].path}: no hf/config.json in the run directory; "
+                             "pass --hf-config DIR (a directory with the model's HF "
+                             "config.json)")
+        job.outs = _hf_outs(newest, job.hf_dir)
+        job.copies = hf_files.plan_copy(job.hf_dir)
+        if left := hf_files.skipped(job.hf_dir):
+            echo(f"note: not copied from {job.hf_dir} (not an HF config or tokenizer file): "
+                 f"{', '.join(left)}")
     else:
-        mine, outs_mine = None, outs
-    total_bytes = sum(math.prod(o.shape) * 4 for o in outs_mine)
+        job.outs = identity_map(newest.signature())
+    if fmt == "deepspeed" and job.source != "master":
+        raise MergeError("--format deepspeed writes fp32 master weights: use --source master")
+
+
+def _write(job: _Job, rank: int, world: int, dist, verify: bool, allow_nonfinite: bool,
+           progress: bool, echo: Callable[[str], None]) -> dict:
+    """Merge this rank's share of the output tensors into a temporary directory that rank 0
+    owns, gather every rank's result, write the manifest and move the output into place."""
+    f32 = np.dtype(np.float32)
+    shards = plan_shards([(o.name, o.shape, f32) for o in job.outs], job.output.shard_bytes)
+    mine, outs_mine = _my_share(job.outs, shards, rank, world)
     bar = None
-    sha: dict[str, str] = {}
     try:
         # Rank 0 owns the temporary directory (every rank writes its shards into it) and
         # moves it into place once every rank has finished without error.
-        with (atomic_dir(out, overwrite) if rank == 0 else contextlib.nullcontext()) as tmp:
+        with (atomic_dir(job.out, job.output.overwrite) if rank == 0
+              else contextlib.nullcontext()) as tmp:
             # said once the output could be created (a failure to create it is one line)
-            echo(f"merging {len(chosen)} checkpoint(s) with "
-                 f"{strategy if weights is None else 'explicit'}"
-                 f"{f' alpha={alpha}' if strategy == 'ema' and weights is None else ''}"
-                 f" -> {out} ({fmt})\n" + describe(chosen, w))
+            echo(f"merging {len(job.chosen)} checkpoint(s) with {job.selection.describe()} -> "
+                 f"{job.out} ({job.output.fmt})\n" + describe(job.chosen, job.weights))
             t0 = time.time()
             if progress and rank == 0:
                 from tqdm import tqdm
-                bar = tqdm(total=total_bytes * len(readers), unit="B", unit_scale=True,
-                           desc="merge", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+                total = sum(math.prod(o.shape) * 4 for o in outs_mine) * len(job.readers)
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge",
+                           file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
             if world > 1:
                 box = [str(tmp) if rank == 0 else None]
                 dist.broadcast_object_list(box, src=0)
                 tmp = Path(box[0])
-            error = None
             try:
-                if fmt == "deepspeed":
-                    from moe_merge.merge.ds_writer import DeepSpeedWriter
-
-                    writer = DeepSpeedWriter(newest, tmp, optimizer_state)
-                else:
-                    writer = ShardWriter(tmp, shards, metadata={"format": "pt"},
-                                         specs={o.name: (tuple(o.shape), f32) for o in outs},
-                                         only=mine, index=rank == 0)
-                _merge_tensors(outs_mine, readers, chosen, w, writer, fmt, source,
-                               allow_nonfinite, verify, optimizer_state, bar)
-                for r in readers:
-                    r.wait_verified()  # a corrupted record read above fails the merge here
-                if fmt == "deepspeed":
-                    writer.finish()
-                    from moe_merge.merge.writer import sha256_file
-                    sha = {f"{writer.tag_dir.name}/{f.name}": sha256_file(f)
-                           for f in sorted(writer.tag_dir.iterdir()) if f.is_file()}
-                else:
-                    sha = writer.finish()
+                sha, error = _write_files(job, tmp, shards, mine, outs_mine, rank == 0,
+                                          verify, allow_nonfinite, bar), None
             except (CheckpointError, MergeError) as e:
                 if world == 1:
                     raise
-                error = e
-            if world > 1:  # every rank learns every rank's result: all fail, or none
-                results = [None] * world
-                dist.all_gather_object(results, (sha, None if error is None else
-                                                 (type(error).__name__, str(error))))
-                failed = next((err for _, err in results if err is not None), None)
-                if failed is not None:
-                    raise (MergeError if failed[0] == "MergeError" else CheckpointError)(failed[1])
-                sha = {k: v for part, _ in results for k, v in part.items()}
-            manifest = {
-                "tool": f"moe-merge {__version__}",
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "format": fmt,
-                "strategy": strategy if weights is None else "weights",
-                "alpha": alpha if strategy == "ema" and weights is None else None,
-                "source": source,
-                "optimizer_state": optimizer_state if fmt == "deepspeed" else None,
-                "inputs": [{"path": str(t.path), "tag": t.name, "step": t.step, "tokens": t.tokens,
-                            "weight": wi, "zero_stage": r.zero_stage, "dp_size": r.dp_size,
-                            "ep_size": r.ep_size, "bf16": r.bf16}
-                           for t, r, wi in zip(chosen, readers, w)],
-                "weights": w,
-                "hf_config": str(hf_dir) if hf_dir else None,
-                "params": newest.param_counts(),
-                "ranks": world,
-                "files": {name: {"sha256": digest} for name, digest in sorted(sha.items())},
-            }
+                sha, error = {}, e
+            if world > 1:
+                sha = _all_or_none(dist, world, sha, error)
+            manifest = _manifest(job, sha, world)
             if rank == 0:
-                hf_files.copy_files(copies, tmp)
+                hf_files.copy_files(job.copies, tmp)
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if world > 1:
             dist.barrier()  # the output is in place when any rank returns
     finally:
-        for r in readers:
-            r.close()
         if bar is not None:
             bar.close()
-        if own_group:  # gloo's threads left running at interpreter exit can abort the process
-            dist.destroy_process_group()
-    echo(f"wrote {out} in {time.time() - t0:.1f} s ({len(sha)} file(s)"
+    echo(f"wrote {job.out} in {time.time() - t0:.1f} s ({len(sha)} file(s)"
          f"{f', {world} ranks' if world > 1 else ''})")
     return manifest
+
+
+def _my_share(outs: list[OutTensor], shards: list[list[str]], rank: int, world: int
+              ) -> tuple[set[int] | None, list[OutTensor]]:
+    """The shards this rank writes (None: all) and the output tensors in them."""
+    if world == 1:
+        return None, outs
+    nbytes = {o.name: math.prod(o.shape) * 4 for o in outs}
+    mine = {i for i, r in enumerate(assign_shards(shards, nbytes, world)) if r == rank}
+    owned = {name for i in mine for name in shards[i]}
+    return mine, [o for o in outs if o.name in owned]
+
+
+def _write_files(job: _Job, tmp: Path, shards: list[list[str]], mine: set[int] | None,
+                 outs_mine: list[OutTensor], index: bool, verify: bool, allow_nonfinite: bool,
+                 bar) -> dict[str, str]:
+    """Merge ``outs_mine`` into the files of ``tmp`` (``index``: also the shard index);
+    returns the sha256 of every file written."""
+    f32 = np.dtype(np.float32)
+    if job.output.fmt == "deepspeed":
+        from moe_merge.merge.ds_writer import DeepSpeedWriter
+
+        writer = DeepSpeedWriter(job.readers[-1], tmp, job.output.optimizer_state)
+    else:
+        writer = ShardWriter(tmp, shards, metadata={"format": "pt"},
+                             specs={o.name: (tuple(o.shape), f32) for o in job.outs},
+                             only=mine, index=index)
+    _merge_tensors(job, outs_mine, writer, verify, allow_nonfinite, bar)
+    for r in job.readers:
+        r.wait_verified()  # a corrupted record read above fails the merge here
+    if job.output.fmt != "deepspeed":
+        return writer.finish()
+    writer.finish()
+    from moe_merge.merge.writer import sha256_file
+
+    return {f"{writer.tag_dir.name}/{f.name}": sha256_file(f)
+            for f in sorted(writer.tag_dir.iterdir()) if f.is_file()}
+
+
+def _all_or_none(dist, world: int, sha: dict[str, str], error: Exception | None
+                 ) -> dict[str, str]:
+    """Every rank learns every rank's result: all fail (with the first rank's error), or none
+    does and each gets the sha256 of every rank's files."""
+    results = [None] * world
+    dist.all_gather_object(results, (sha, None if error is None else
+                                     (type(error).__name__, str(error))))
+    failed = next((err for _, err in results if err is not None), None)
+    if failed is not None:
+        raise (MergeError if failed[0] == "MergeError" else CheckpointError)(failed[1])
+    return {k: v for part, _ in results for k, v in part.items()}
+
+
+def _manifest(job: _Job, sha: dict[str, str], world: int) -> dict:
+    fmt = job.output.fmt
+    return {
+        "tool": f"moe-merge {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "format": fmt,
+        "strategy": job.selection.kind,
+        "alpha": job.selection.alpha,
+        "source": job.source,
+        "optimizer_state": job.output.optimizer_state if fmt == "deepspeed" else None,
+        "inputs": [{"path": str(t.path), "tag": t.name, "step": t.step, "tokens": t.tokens,
+                    "weight": wi, "zero_stage": r.zero_stage, "dp_size": r.dp_size,
+                    "ep_size": r.ep_size, "bf16": r.bf16}
+                   for t, r, wi in zip(job.chosen, job.readers, job.weights)],
+        "weights": job.weights,
+        "hf_config": str(job.hf_dir) if job.hf_dir else None,
+        "params": job.readers[-1].param_counts(),
+        "ranks": world,
+        "files": {name: {"sha256": digest} for name, digest in sorted(sha.items())},
+    }
 
 
 def _init_distributed():
@@ -502,10 +555,9 @@ def assign_shards(shards: list[list[str]], nbytes: dict[str, int], world: int) -
     return owner
 
 
-def _merge_tensors(outs: list[OutTensor], readers: list[DSCheckpoint], chosen: list[Tag],
-                   w: list[float], writer, fmt: str, source: str, allow_nonfinite: bool,
-                   verify: bool, optimizer_state: str, bar) -> None:
-    """Merge ``outs`` in order and hand each to ``writer``.
+def _merge_tensors(job: _Job, outs: list[OutTensor], writer, verify: bool,
+                   allow_nonfinite: bool, bar) -> None:
+    """Merge ``outs`` (of ``job``'s) in order and hand each to ``writer``.
 
     Inputs whose values lie in plain runs of their master partitions (the usual layouts) are
     added chunk by chunk straight from the files into a cache-sized float64 accumulator;
@@ -515,6 +567,8 @@ def _merge_tensors(outs: list[OutTensor], readers: list[DSCheckpoint], chosen: l
     release the GIL)."""
     if not outs:
         return
+    readers, chosen, w, source = job.readers, job.chosen, job.weights, job.source
+    fmt, optimizer_state = job.output.fmt, job.output.optimizer_state
     f32 = np.dtype(np.float32)
     most = max(math.prod(o.shape) for o in outs)
     chunk_acc = np.empty(min(CHUNK, most), dtype=np.float64)
@@ -550,7 +604,7 @@ def _merge_tensors(outs: list[OutTensor], readers: list[DSCheckpoint], chosen: l
                 acc.fill(0.0)
                 for r, wi in gathered:
                     _read_out(r, o, source, out=torch.from_numpy(stage_buf[:n]).view(o.shape))
-                    _axpy(acc, stage_buf[:n], wi, chunk_acc)
+                    axpy(acc, stage_buf[:n], wi, chunk_acc)
             if fmt != "deepspeed":
                 if out_bufs[k % 2].size < n:
                     out_bufs[k % 2] = np.empty(most, dtype=f32)
@@ -581,12 +635,9 @@ def _merge_tensors(outs: list[OutTensor], readers: list[DSCheckpoint], chosen: l
 
             moments = None
             if optimizer_state == "merged":
-                moments = {}
-                for state in ("exp_avg", "exp_avg_sq"):
-                    m = torch.zeros(o.shape, dtype=torch.float64)
-                    for r, wi in zip(readers, w):
-                        m.add_(r.read(o.name, state=state), alpha=wi)
-                    moments[state] = m.to(torch.float32)
+                moments = {state: torch.from_numpy(weighted_sum(
+                    (r.read(o.name, state=state) for r in readers), w).reshape(o.shape)
+                ).to(torch.float32) for state in ("exp_avg", "exp_avg_sq")}
             writer.write(o.name, torch.from_numpy(merged), moments)
     finally:
         helper.shutdown()
@@ -595,7 +646,7 @@ def _merge_tensors(outs: list[OutTensor], readers: list[DSCheckpoint], chosen: l
 def hf_state(tag_dir: str | Path, hf_dir: str | Path, source: str = "master"
              ) -> dict:
     """One checkpoint tag as the HF model's state dict in memory (fp32, full logical tensors,
-    HF names): what ``merge([tag], fmt="hf")`` writes, without writing it. For studies that
+    HF names): what ``merge([tag])`` writes (hf output), without writing it. For studies that
     merge and evaluate many combinations of the same small checkpoints."""
     r = DSCheckpoint(tag_dir, verify=False)
     try:

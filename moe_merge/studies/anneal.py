@@ -26,11 +26,12 @@ import numpy as np
 
 from moe_merge.config.recipe import RecipeConfig, load_recipe
 from moe_merge.errors import ConfigError
-from moe_merge.merge.strategies import strategy_weights
-from moe_merge.training.pma_monitor import window
+from moe_merge.merge.selection import Selection
+from moe_merge.merge.strategies import weighted_sum
 
-STRATEGIES = {"sma": ("sma", None), "wma": ("wma", None), "ema0.1": ("ema", 0.1),
-              "ema0.2": ("ema", 0.2)}
+# the merges compared, by label
+STRATEGIES = {"sma": Selection("sma"), "wma": Selection("wma"),
+              "ema0.1": Selection("ema", alpha=0.1), "ema0.2": Selection("ema", alpha=0.2)}
 # --quick: a model and run small enough for CI (a few minutes on 2 CPU cores).
 QUICK = {
     "train": ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
@@ -216,15 +217,10 @@ class Evaluator:
         return self.states[key]
 
     def merged(self, parts: list[tuple[Path, int]], weights: list[float]) -> dict:
-        torch = self.torch
         states = [self.state(r, s) for r, s in parts]
-        out = {}
-        for name in states[0]:
-            acc = torch.zeros(states[0][name].shape, dtype=torch.float64)
-            for w, sd in zip(weights, states):
-                acc.add_(sd[name], alpha=w)
-            out[name] = acc.float()
-        return out
+        return {name: self.torch.from_numpy(weighted_sum([sd[name] for sd in states],
+                                                         weights)).float()
+                for name in states[0]}
 
     def loss(self, state: dict) -> float:
         from moe_merge.evals.loss import loss_on
@@ -318,6 +314,8 @@ class AnnealStudy(StudyBase):
         super().__init__(recipe, overrides, out, quick, echo)
         self.forks = fork_steps(self.cfg, self.st)
         self.decay_steps = round(self.st.decay_tokens / self.tps)
+        # the headline window: every interval-th checkpoint back from the newest, at most n
+        self.window = Selection(every=self.st.interval, last=self.st.n)
 
     def _branch_overrides(self, trunk: Path, fork: int) -> list[str]:
         end = fork + self.decay_steps
@@ -352,16 +350,16 @@ class AnnealStudy(StudyBase):
             b = branches[f]
             b_steps = _steps(b)
             end = b_steps[-1]  # the branch's end: compared with the trunk at the same step
-            chosen = window([s for s in trunk_steps if s <= end], self.st.n, self.st.interval)
+            chosen = self.window.choose([s for s in trunk_steps if s <= end], allow_fewer=True)
             last = ev.loss(ev.state(trunk, end))
             annealed = ev.loss(ev.state(b, end))
             row = {"fork_step": f, "fork_tokens": f * self.tps, "step": end,
                    "tokens": end * self.tps, "window": chosen, "latest_at_fork":
                    ev.loss(ev.state(trunk, f)), "latest": last, "annealed": annealed,
                    "annealed_step": end, "merged": {}, "captured": {}, "abs_error": {}}
-            for label, (strategy, alpha) in STRATEGIES.items():
-                w = strategy_weights(strategy, len(chosen), alpha)
-                loss = ev.loss(ev.merged([(trunk, s) for s in chosen], w))
+            for label, sel in STRATEGIES.items():
+                loss = ev.loss(ev.merged([(trunk, s) for s in chosen],
+                                         sel.weights_for(len(chosen))))
                 row["merged"][label] = loss
                 gain = last - annealed
                 row["captured"][label] = (last - loss) / gain if gain > 0 else None
@@ -373,9 +371,9 @@ class AnnealStudy(StudyBase):
                 pool = [(trunk, s) for s in trunk_steps if s <= f] + [(b, s) for s in b_steps
                                                                       if f < s <= c]
                 steps = [s for _, s in pool]
-                pick = window(steps, self.st.n, self.st.interval)
+                pick = self.window.choose(steps, allow_fewer=True)
                 parts = [p for p in pool if p[1] in pick]
-                merged = ev.loss(ev.merged(parts, strategy_weights("sma", len(parts))))
+                merged = ev.loss(ev.merged(parts, STRATEGIES["sma"].weights_for(len(parts))))
                 latest = ev.loss(ev.state(b, c))
                 res["gain_vs_lr"].append({"fork_step": f, "step": c, "lr": b_lrs[c - 1],
                                           "latest": latest, "merged_sma": merged,
@@ -387,16 +385,15 @@ class AnnealStudy(StudyBase):
                 avail = [s for s in trunk_steps if s <= f]
                 for v in self.st.grid_intervals:
                     for n in self.st.grid_ns:
-                        pick = window(avail, n, v)
+                        pick = Selection(every=v, last=n).choose(avail, allow_fewer=True)
                         cell = {"fork_step": f, "interval": v, "n": n, "fits": len(pick) == n,
                                 "reaches_warmup": bool(pick) and pick[0] <= self.warmup_steps,
                                 "latest": None, "merged": {}}
                         if len(pick) == n:
                             cell["latest"] = ev.loss(ev.state(trunk, f))
-                            for label, (strategy, alpha) in STRATEGIES.items():
-                                w = strategy_weights(strategy, n, alpha)
+                            for label, sel in STRATEGIES.items():
                                 cell["merged"][label] = ev.loss(
-                                    ev.merged([(trunk, s) for s in pick], w))
+                                    ev.merged([(trunk, s) for s in pick], sel.weights_for(n)))
                         res["grid"].append(cell)
         res["tissue"] = self._tissue(trunk, branches, trunk_lrs, res)
         pairs = [(row["merged"][k], row["annealed"]) for row in res["forks"] for k in STRATEGIES]
@@ -419,7 +416,7 @@ class AnnealStudy(StudyBase):
 
         t0 = time.perf_counter()
         chosen = row["window"]
-        w = strategy_weights("sma", len(chosen))
+        w = STRATEGIES["sma"].weights_for(len(chosen))
         batches = micro_batches(ev.windows, ev.micro_batch, self.st.mechanism_batches)
         model = hvp_model(ev.hf_dir)
         pts = [ev.state(trunk, s) for s in chosen]

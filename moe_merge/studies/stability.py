@@ -28,8 +28,9 @@ from pathlib import Path
 
 from moe_merge.config.recipe import RecipeConfig
 from moe_merge.errors import ConfigError
+from moe_merge.merge.selection import Selection
+from moe_merge.merge.strategies import STRATEGIES
 from moe_merge.studies.anneal import StudyBase, _metrics, mean_std
-from moe_merge.training.pma_monitor import window
 
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
         "model.num_kv_heads=1", "model.head_dim=32", "model.moe_intermediate_size=64",
@@ -143,7 +144,7 @@ def _check_pma_init(cfg: RecipeConfig, st: PMAInitStudyConfig, path: Path) -> No
          "need one or more positive peak LRs")
     need(st.optimizer in ("reset", "latest"), "study.optimizer",
          f"'{st.optimizer}' is not reset or latest (a plain checkpoint has no merged moments)")
-    need(st.strategy in ("sma", "wma", "ema"), "study.strategy", "must be sma, wma or ema")
+    need(st.strategy in STRATEGIES, "study.strategy", f"must be one of {', '.join(STRATEGIES)}")
     need(st.n >= 2 and st.interval >= 1, "study.n", "need n >= 2 and interval >= 1")
     need((st.n - 1) * st.interval + 1 <= cfg.total_steps // cfg.checkpoint_every_steps,
          "study.n", f"the run saves {cfg.total_steps // cfg.checkpoint_every_steps} checkpoints, "
@@ -225,24 +226,23 @@ class PMAInitStudy(_StabilityStudy):
                 "pma_monitor.enabled=false"]
 
     def run_seed(self, seed: int) -> dict:
-        from moe_merge.merge.merger import merge
-        from moe_merge.merge.strategies import strategy_weights
+        from moe_merge.merge.merger import OutputOptions, merge
         from moe_merge.training.run_dir import list_tags
 
         st = self.st
         root = self.out / f"seed{seed}"
         base = self._train("base", seed, [], self.cfg.total_steps)
         steps = [s for s, _ in list_tags(base / "checkpoints")]
-        chosen = window(steps, st.n, st.interval)
+        # the last n checkpoints, every interval-th, merged as the study says
+        chosen = Selection(every=st.interval, last=st.n).choose(steps, allow_fewer=True)
+        weighting = Selection(st.strategy, st.alpha)
         latest = base / "checkpoints" / f"global_step{chosen[-1]}"
         pma = root / "pma_init"
         if not (pma / "merge_manifest.json").is_file():
-            merge([base / "checkpoints" / f"global_step{s}" for s in chosen], pma,
-                  fmt="deepspeed", strategy=st.strategy,
-                  alpha=st.alpha if st.strategy == "ema" else None, optimizer_state="latest",
-                  overwrite=True, progress=False, echo=lambda _: None)
-        res = {"seed": seed, "window": chosen,
-               "weights": strategy_weights(st.strategy, len(chosen), st.alpha),
+            merge([base / "checkpoints" / f"global_step{s}" for s in chosen], pma, weighting,
+                  OutputOptions(fmt="deepspeed", optimizer_state="latest", overwrite=True),
+                  progress=False, echo=lambda _: None)
+        res = {"seed": seed, "window": chosen, "weights": weighting.weights_for(len(chosen)),
                "base_val": read_run(base)["val"], "arms": {}}
         for lr in st.ct_lrs:
             for arm, src in (("latest", latest), ("pma", pma)):

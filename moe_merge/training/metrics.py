@@ -39,10 +39,10 @@ def expert_load_stats(load_LE: torch.Tensor) -> dict[str, float]:
 class MetricsLogger:
     """Rank-0 sink for scalars: TensorBoard (through the engine's monitor) and metrics.jsonl."""
 
-    def __init__(self, run_dir: Path, engine, enabled: bool):
+    def __init__(self, path: Path, engine, enabled: bool):
         self.enabled = enabled
         self.engine = engine
-        self.path = run_dir / "metrics.jsonl"
+        self.path = path  # the run's metrics.jsonl
         self.attempt = 0
 
     def truncate_after(self, step: int) -> None:
@@ -90,3 +90,55 @@ class MetricsLogger:
         if self.enabled and writer is not None:
             writer.add_histogram(name, values.float(), step)
             writer.flush()
+
+
+class Throughput:
+    """Tokens per second between log steps (perf_counter time)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.restart(0)
+
+    def restart(self, step: int) -> None:
+        """Count from ``step``, now (a start, or a recovery that moved the step back)."""
+        self.step, self.t = step, time.perf_counter()
+
+    def tokens_per_s(self, step: int) -> float:
+        """Rate since the last call (or restart), which ``step`` then starts."""
+        now = time.perf_counter()
+        rate = (step - self.step) * self.tokens_per_step / (now - self.t)
+        self.step, self.t = step, now
+        return rate
+
+
+class ProgressBar:
+    """The rank-0 progress bar (tqdm) over optimizer steps; does nothing when ``enabled`` is
+    False."""
+
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step",
+                            dynamic_ncols=True, mininterval=2.0)
+
+    def show(self, scalars: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
+                                 lr=f"{scalars['train/lr']:.2e}",
+                                 tok_s=f"{scalars['perf/tokens_per_s']:.0f}", refresh=False)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def jump(self, step: int) -> None:
+        """Show ``step`` (a recovery resumed there)."""
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -6,8 +6,10 @@ Averaging is linear, so every rank merges the weights it holds, with no gatherin
 merged values of exactly those tensors are what its forward pass needs. The monitor keeps, on
 the host, a copy of each rank's module weights at every checkpoint in the window (for fp32
 training these are the fp32 master values; for bf16 the bf16 module copies, so the merge then
-averages rounded weights), writes the weighted sum into the module, runs the validation pass,
-and writes the latest checkpoint's weights back (exactly: they are the newest snapshot). The
+averages rounded weights), writes the weighted sum into the module (the merger's own
+arithmetic: for fp32 training, the weights ``moe-merge merge`` writes, bit for bit), runs the
+validation pass, and writes the latest checkpoint's weights back (exactly: they are the newest
+snapshot). The
 optimizer's master weights and moments are never touched, so training continues bit for bit as
 without the monitor.
 
@@ -24,20 +26,17 @@ from collections.abc import Callable
 import torch
 
 from moe_merge.config.recipe import PMAMonitorConfig
-from moe_merge.merge.strategies import strategy_weights
+from moe_merge.merge.selection import Selection
+from moe_merge.merge.strategies import weighted_sum
 
 PMA_SCALARS = ("pma/val_loss", "pma/val_gap", "pma/n", "pma/first_step", "pma/seconds")
-
-
-def window(steps: list[int], n: int, interval: int) -> list[int]:
-    """The checkpoints (by step, oldest first) merged: every ``interval``-th counted back from
-    the newest, at most ``n`` of them."""
-    return sorted(steps)[::-1][::interval][:n][::-1]
 
 
 class PMAMonitor:
     def __init__(self, module: torch.nn.Module, cfg: PMAMonitorConfig):
         self.cfg = cfg
+        # every interval-th checkpoint counted back from the newest, at most n of them
+        self.selection = Selection(cfg.strategy, cfg.alpha, every=cfg.interval, last=cfg.n)
         self.params = list(module.parameters())
         self.keep = (cfg.n - 1) * cfg.interval + 1
         self.snapshots: deque[tuple[int, list[torch.Tensor]]] = deque(maxlen=self.keep)
@@ -53,18 +52,15 @@ class PMAMonitor:
         """Merge the window into the module, ``validate()`` it, restore the latest weights.
         ``None`` while the window holds fewer than ``min_n`` checkpoints."""
         by_step = dict(self.snapshots)
-        chosen = window(list(by_step), self.cfg.n, self.cfg.interval)
+        chosen = self.selection.choose(list(by_step), allow_fewer=True)
         if len(chosen) < self.min_n:
             return None
         t0 = time.perf_counter()
-        weights = strategy_weights(self.cfg.strategy, len(chosen), self.cfg.alpha)
+        weights = self.selection.weights_for(len(chosen))
         snaps = [by_step[s] for s in chosen]
         latest = self.snapshots[-1][1]
         for i, p in enumerate(self.params):
-            acc = torch.zeros(p.shape, dtype=torch.float64)
-            for w, snap in zip(weights, snaps):
-                acc.add_(snap[i], alpha=w)
-            p.copy_(acc)
+            p.copy_(torch.from_numpy(weighted_sum([snap[i] for snap in snaps], weights)))
         try:
             loss = validate()
         finally:

@@ -1,4 +1,4 @@
-"""Loss spikes: detection and recovery plans (the trainer's recovery acts on them).
+"""Loss spikes: detection and recovery plans (:mod:`moe_merge.training.recovery` acts on them).
 
 - :class:`SpikeDetector` watches the global loss and gradient norm of every optimizer step. A
   step is a spike when its loss is above ``loss_factor`` x the running trend of the loss, when
@@ -15,12 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-
-from moe_merge.errors import MoeMergeError
-
-
-class SpikeError(MoeMergeError, RuntimeError):
-    """Training could not get past a loss spike within the allowed recoveries."""
 
 
 @dataclass
@@ -43,7 +37,8 @@ class Spike:
 
     def describe(self) -> str:
         if self.kind == "nonfinite":
-            return f"non-finite loss or gradient norm (loss {self.loss}, grad norm {self.grad_norm})"
+            return (f"non-finite loss or gradient norm (loss {self.loss}, "
+                    f"grad norm {self.grad_norm})")
         if self.kind == "loss":
             return (f"loss {self.loss:.4f} = {self.loss_ratio:.2f} x its trend "
                     f"{self.loss_trend:.4f}")
@@ -128,7 +123,6 @@ class SpikeDetector:
             length, self.event = self.event_steps, None
             return None, length
         return None, None
-
 
     def restart(self, trends: tuple[_EMA, _EMA] | None = None) -> None:
         """After a reload the event is over (its steps were discarded): the next spike, a

@@ -21,9 +21,11 @@ from support.runs import PY, REPO, read_metrics, run_cli
 from moe_merge.checkpoint.reader import DSCheckpoint
 from moe_merge.errors import CheckpointError
 from moe_merge.evals.loss import evaluate
-from moe_merge.merge.merger import merge
+from moe_merge.merge.merger import OutputOptions, merge
+from moe_merge.merge.selection import Selection
 
 MOE_KINDS = ["moe_z1", "moe_z2", "moe_z3", "mixtral_z2", "moe_ep1_z2"]
+SAFETENSORS = OutputOptions(fmt="safetensors")
 
 
 # ---- gathering, against DeepSpeed's own converters ---------------------------------------
@@ -109,8 +111,7 @@ def test_merging_identical_checkpoints_returns_the_checkpoint(trained, tmp_path)
     want = read_all(src)
     for strategy, alpha in (("sma", None), ("wma", None), ("ema", 0.1)):
         out = tmp_path / strategy
-        merge([tmp_path / "ckpts"], out, strategy=strategy, alpha=alpha, fmt="safetensors",
-              progress=False)
+        merge([tmp_path / "ckpts"], out, Selection(strategy, alpha), SAFETENSORS, progress=False)
         got = safetensors_out(out)
         assert set(got) == set(want)
         for name in want:
@@ -120,13 +121,12 @@ def test_merging_identical_checkpoints_returns_the_checkpoint(trained, tmp_path)
 def test_sma_of_two_is_the_midpoint_and_ema_is_the_recursion(trained, tmp_path):
     run = trained("moe_z3")
     ts = [read_all(tag(run, s)) for s in (2, 4, 6, 8)]
-    merge([run], tmp_path / "mid", tags=["global_step2", "global_step4"], fmt="safetensors",
+    merge([run], tmp_path / "mid", Selection(tags=["global_step2", "global_step4"]), SAFETENSORS,
           progress=False)
     mid = safetensors_out(tmp_path / "mid")
     for name in ts[0]:
         assert torch.equal(mid[name], ((ts[0][name].double() + ts[1][name].double()) / 2).float())
-    m = merge([run], tmp_path / "ema", strategy="ema", alpha=0.2, fmt="safetensors",
-              progress=False)
+    m = merge([run], tmp_path / "ema", Selection("ema", alpha=0.2), SAFETENSORS, progress=False)
     assert m["weights"] == pytest.approx([0.512, 0.128, 0.16, 0.2])
     ema = safetensors_out(tmp_path / "ema")
     for name in ts[0]:
@@ -145,14 +145,14 @@ def test_chunked_streaming_equals_whole_tensor_gathering(kind, trained, tmp_path
     run = trained(kind)
     tags = ["global_step2", "global_step4", "global_step6", "global_step8"]
     monkeypatch.setattr(merger, "CHUNK", 1000)  # many chunks per tensor, cut inside pieces
-    merge([run], tmp_path / "chunked", tags=tags, progress=False)
+    merge([run], tmp_path / "chunked", Selection(tags=tags), progress=False)
     real = merger._out_segments
     first = DSCheckpoint(tag(run, 2)).dir
     monkeypatch.setattr(merger, "_out_segments",
                         lambda r, o, source: None if r.dir == first else real(r, o, source))
-    merge([run], tmp_path / "mixed", tags=tags, progress=False)
+    merge([run], tmp_path / "mixed", Selection(tags=tags), progress=False)
     monkeypatch.setattr(merger, "_out_segments", lambda r, o, source: None)
-    merge([run], tmp_path / "gathered", tags=tags, progress=False)
+    merge([run], tmp_path / "gathered", Selection(tags=tags), progress=False)
     chunked, mixed, gathered = (safetensors_out(tmp_path / d)
                                 for d in ("chunked", "mixed", "gathered"))
     assert any("gate_up" in n for n in gathered) and set(chunked) == set(gathered) == set(mixed)
@@ -165,7 +165,7 @@ def test_cross_layout_merge_gathers_before_averaging(trained, tmp_path):
     """Checkpoints saved under ZeRO-1, ZeRO-3 and EP=1 merge into their exact average."""
     tags = [tag(trained("moe_z1"), 8), copy_tag(tag(trained("moe_z3"), 8), tmp_path, "global_step9"),
             copy_tag(tag(trained("moe_ep1_z2"), 8), tmp_path, "global_step10")]
-    m = merge(tags, tmp_path / "out", fmt="safetensors", progress=False)
+    m = merge(tags, tmp_path / "out", output=SAFETENSORS, progress=False)
     assert [i["zero_stage"] for i in m["inputs"]] == [1, 3, 2]
     assert [i["ep_size"] for i in m["inputs"]] == [2, 2, 1]
     parts = [read_all(t) for t in tags]
@@ -179,8 +179,9 @@ def test_hf_output_is_sharded_indexed_and_described(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run = trained("moe_z2")
-    m = merge([run], tmp_path / "one", last=3, progress=False)
-    merge([run], tmp_path / "many", last=3, max_shard_size="1MB", progress=False)
+    m = merge([run], tmp_path / "one", Selection(last=3), progress=False)
+    merge([run], tmp_path / "many", Selection(last=3), OutputOptions(max_shard_size="1MB"),
+          progress=False)
     many = tmp_path / "many"
     index = json.loads((many / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
@@ -205,7 +206,7 @@ def test_hf_output_is_sharded_indexed_and_described(trained, tmp_path):
 
 def test_safetensors_format_keeps_checkpoint_names_with_global_experts(trained, tmp_path):
     run = trained("moe_z2")
-    merge([run], tmp_path / "sd", last=1, fmt="safetensors", progress=False)
+    merge([run], tmp_path / "sd", Selection(last=1), SAFETENSORS, progress=False)
     sd = safetensors_out(tmp_path / "sd")
     assert sd["model.layers.0.mlp.experts.w1"].shape == (4, 64, 64)  # all 4 experts, EP=2
     per_expert = torch.load(tag(run, 8) / "layer_0_expert_3_mp_rank_00_model_states.pt",
@@ -368,7 +369,7 @@ def test_merged_model_beats_the_latest_checkpoint_at_constant_lr(tmp_path, data_
                         "logging.log_every=20", "logging.val_every=0", "logging.val_batches=16",
                         f"output_dir={tmp_path}", f"data.cache_dir={data_cache}"])
     run = tmp_path / "moe_tiny"
-    merge([run], tmp_path / "pma", last=3, progress=False)
+    merge([run], tmp_path / "pma", Selection(last=3), progress=False)
     latest = evaluate(run)["loss"]
     merged = evaluate(tmp_path / "pma")["loss"]
     assert merged < latest - 0.01, (merged, latest)
@@ -391,7 +392,7 @@ def test_deepspeed_output_is_loaded_by_the_engine(kind, trained, tmp_path, data_
                "--optimizer-state", "merged", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert (ds_out / "latest").read_text() == "global_step8"
-    merge([run], hf_out, last=3, progress=False)
+    merge([run], hf_out, Selection(last=3), progress=False)
     recipe, overrides = RUNS[kind]
     overrides = [o for o in overrides if not o.startswith(("train.max_tokens", "schedule.decay"))]
     launch(recipe, [*overrides, "name=forked", f"output_dir={tmp_path}", "train.max_tokens=2304",
@@ -412,7 +413,7 @@ def test_eval_on_user_data(trained, tmp_path):
     import textwrap as sample
 
     run = trained("moe_z2")
-    merge([run], tmp_path / "m", last=2, progress=False)
+    merge([run], tmp_path / "m", Selection(last=2), progress=False)
     text = tmp_path / "eval.txt"
     shutil.copy(sample.__file__, text)
     proc = cli("eval", tmp_path / "m", "--data", text, "--json")

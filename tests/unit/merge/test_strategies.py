@@ -1,21 +1,24 @@
-"""Merge strategies and checkpoint selection as pure functions; shard planning; sizes."""
+"""Merge strategies as pure functions, the one weighted sum; shard planning; sizes."""
 
 from __future__ import annotations
 
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from moe_merge.errors import MergeError
 from moe_merge.merge.strategies import (
+    STRATEGIES,
+    axpy,
     ema_recursive,
     ema_weights,
     normalize,
-    select,
     sma_weights,
     strategy_weights,
+    weighted_sum,
     wma_weights,
 )
 from moe_merge.merge.writer import parse_size, plan_shards
@@ -55,8 +58,8 @@ def test_ema_paper_example_oldest_gets_the_remainder():
 
 
 @pytest.mark.parametrize("bad, msg", [
-    ([1.0, -0.5], "negative"), ([0.0, 0.0], "all weights are zero"), ([1.0, float("nan")],
-                                                                        "not finite"), ([], "no weights")])
+    ([1.0, -0.5], "negative"), ([0.0, 0.0], "all weights are zero"),
+    ([1.0, float("nan")], "not finite"), ([], "no weights")])
 def test_explicit_weights_are_checked(bad, msg):
     with pytest.raises(MergeError, match=msg):
         normalize(bad)
@@ -72,21 +75,60 @@ def test_explicit_weights_are_normalised_and_counted():
         strategy_weights("ema", 3, alpha=1.5)
 
 
-def test_selection_last_every_tags():
-    steps = [20, 40, 60, 80, 100, 120, 140]
-    assert select(steps, last=3) == [100, 120, 140]
-    assert select(steps, every=2) == [20, 60, 100, 140]  # counted back from the newest
-    assert select(steps, every=2, last=3) == [60, 100, 140]
-    assert select(steps, tags=[40, 20]) == [20, 40]
-    assert select(steps) == steps
-    with pytest.raises(MergeError, match="--last 8: only 7 checkpoints available"):
-        select(steps, last=8)
-    with pytest.raises(MergeError, match="only 4 checkpoints available at --every 2"):
-        select(steps, every=2, last=5)
-    with pytest.raises(MergeError, match="no checkpoint global_step50"):
-        select(steps, tags=[50])
-    with pytest.raises(MergeError, match="--last must be >= 1"):
-        select(steps, last=0)
+def test_the_table_lists_every_strategy_with_its_parameter():
+    assert list(STRATEGIES) == ["sma", "wma", "ema"]
+    assert {k: s.param for k, s in STRATEGIES.items()} == {"sma": None, "wma": None,
+                                                          "ema": "alpha"}
+    assert STRATEGIES["ema"].weights(3, 0.2) == ema_weights(3, 0.2)
+    with pytest.raises(MergeError, match="unknown strategy 'median' \\(choose from sma, wma"):
+        strategy_weights("median", 3)
+
+
+def _reference_sum(values, weights):
+    """The merger's arithmetic written out: widen, multiply, add, in input order."""
+    acc = np.zeros(values[0].size)
+    for v, w in zip(values, weights):
+        t = v.reshape(-1).astype(np.float64)
+        if w != 1.0:
+            t = t * w
+        acc = acc + t
+    return acc
+
+
+def test_weighted_sum_is_the_merger_arithmetic_for_numpy_and_torch():
+    rng = np.random.default_rng(0)
+    values = [rng.standard_normal((3, 5, 7)).astype(np.float32) for _ in range(4)]
+    weights = wma_weights(4)
+    want = _reference_sum(values, weights)
+    got = weighted_sum(values, weights)
+    assert got.dtype == np.float64 and got.shape == (3, 5, 7)
+    assert np.array_equal(got.reshape(-1), want)  # bit for bit
+    tensors = [torch.from_numpy(v) for v in values]
+    assert np.array_equal(weighted_sum(iter(tensors), weights), got)  # a generator works too
+    # torch's own add_(alpha=) fuses the multiply-add and rounds differently: not used
+    acc = torch.zeros(3, 5, 7, dtype=torch.float64)
+    for t, w in zip(tensors, weights):
+        acc.add_(t, alpha=w)
+    assert not np.array_equal(acc.numpy(), got)
+
+
+def test_weighted_sum_pieces_and_dtypes():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(1000).astype(np.float32)
+    acc = np.zeros(1000)
+    axpy(acc, x, 0.3, np.empty(7))  # 7-element pieces, the last one short
+    assert np.array_equal(acc, _reference_sum([x], [0.3]))
+    bf16 = torch.from_numpy(x).to(torch.bfloat16)  # widened exactly before the sum
+    assert np.array_equal(weighted_sum([bf16, bf16], [0.5, 0.5]),
+                          weighted_sum([bf16.float().numpy()] * 2, [0.5, 0.5]))
+    same = weighted_sum([x] * 3, sma_weights(3))  # N copies merge to themselves
+    assert np.array_equal(same.astype(np.float32), x)
+    with pytest.raises(MergeError, match="shape"):
+        weighted_sum([x, x[:10]], [0.5, 0.5])
+    with pytest.raises(MergeError, match="nothing"):
+        weighted_sum([], [])
+    with pytest.raises(ValueError):
+        weighted_sum([x, x], [1.0])
 
 
 def test_shard_plan_respects_the_size_and_keeps_order():
