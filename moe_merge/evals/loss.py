@@ -160,12 +160,13 @@ def evaluate(model_path: str | Path, recipe: str | Path | None = None,
         hf_dir = model_path
         label = str(model_path)
         if not (model_path / "config.json").is_file():  # a checkpoint: take its newest tag as is
-            from moe_merge.merge.merger import merge
+            from moe_merge.merge.merger import OutputOptions, merge
+            from moe_merge.merge.selection import Selection
 
             tag = find_tags([model_path])[-1]
             label = str(tag.path)
-            merge([tag.path], Path(tmp) / "model", last=1, hf_config=hf_config, progress=False,
-                  echo=lambda s: None)
+            merge([tag.path], Path(tmp) / "model", Selection(last=1),
+                  OutputOptions(hf_config=hf_config), progress=False, echo=lambda s: None)
             hf_dir = Path(tmp) / "model"
         windows = eval_windows(cfg, data, hf_dir if data else None)
         model = load_hf(hf_dir)

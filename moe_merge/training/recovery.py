@@ -32,12 +32,12 @@ from moe_merge.training.spikes import RetryCount, SpikeDetector, recovery_plan
 def merge_checkpoints(inputs: list[Path], out: Path, st: StabilityConfig) -> None:
     """The pma recovery's merge: ``inputs`` averaged by ``stability.pma_strategy`` into ``out``,
     a DeepSpeed checkpoint with the Adam state ``stability.optimizer_state`` names."""
-    from moe_merge.merge.merger import merge
+    from moe_merge.merge.merger import OutputOptions, merge
+    from moe_merge.merge.selection import Selection
 
-    merge(inputs, out, fmt="deepspeed", strategy=st.pma_strategy,
-          alpha=st.pma_alpha if st.pma_strategy == "ema" else None,
-          optimizer_state=st.optimizer_state, overwrite=True, progress=False,
-          echo=lambda _: None)
+    selection = Selection(st.pma_strategy, st.pma_alpha if st.pma_strategy == "ema" else None)
+    output = OutputOptions("deepspeed", overwrite=True, optimizer_state=st.optimizer_state)
+    merge(inputs, out, selection, output, progress=False, echo=lambda _: None)
 
 
 class Recovery:

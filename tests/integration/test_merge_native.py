@@ -13,7 +13,7 @@ from support.merging import cli, copy_tag, safetensors_out
 from support.runs import launch_native
 
 from moe_merge.checkpoint.reader import DSCheckpoint
-from moe_merge.merge.merger import merge
+from moe_merge.merge.merger import OutputOptions, merge
 
 EXPERT = "blocks.1.moe.deepspeed_moe.experts.deepspeed_experts.3.0.weight"  # on EP rank 1
 
@@ -45,7 +45,7 @@ def test_native_moe_merges_across_zero_stages(native_moe, tmp_path):
     z1, z2 = native_moe(1), native_moe(2)
     tags = [z1 / "checkpoints" / "global_step4",
             copy_tag(z2 / "checkpoints" / "global_step3", tmp_path, "global_step5")]
-    m = merge(tags, tmp_path / "out", fmt="safetensors", progress=False)
+    m = merge(tags, tmp_path / "out", output=OutputOptions(fmt="safetensors"), progress=False)
     assert [i["zero_stage"] for i in m["inputs"]] == [1, 2]
     got, a, b = safetensors_out(tmp_path / "out"), oracle(z1, 4), oracle(z2, 3)
     assert set(got) == set(a)

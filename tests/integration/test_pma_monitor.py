@@ -15,6 +15,7 @@ def test_monitor_logs_the_merged_loss_and_leaves_training_untouched(trained, tmp
 
     from moe_merge.evals.loss import evaluate
     from moe_merge.merge.merger import merge
+    from moe_merge.merge.selection import Selection
 
     run, plain = trained("moe_pma_z2"), trained("moe_z2")
     assert train_losses(run) == train_losses(plain)  # bit for bit: the weights are restored
@@ -29,6 +30,6 @@ def test_monitor_logs_the_merged_loss_and_leaves_training_untouched(trained, tmp
     assert set(PMA_SCALARS) <= scalars, set(PMA_SCALARS) - scalars
     for step in (6, 8):  # the offline merge of the same checkpoints, evaluated on the same batches
         out = tmp_path / f"merged{step}"
-        merge([run], out, tags=[f"global_step{s}" for s in (step - 4, step - 2, step)],
+        merge([run], out, Selection(tags=[f"global_step{s}" for s in (step - 4, step - 2, step)]),
               progress=False)
         assert evaluate(out)["loss"] == pytest.approx(pma[step]["pma/val_loss"], rel=1e-5)

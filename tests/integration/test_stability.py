@@ -53,16 +53,17 @@ def test_init_from_reproduces_the_merged_weights_at_step_0(trained, tmp_path, da
     optimizer) and the DeepSpeed route with reset train alike; the step-0 validation loss is
     the merged HF model's (transformers)."""
     from moe_merge.evals.loss import evaluate
-    from moe_merge.merge.merger import merge
+    from moe_merge.merge.merger import OutputOptions, merge
+    from moe_merge.merge.selection import Selection
 
     run = trained("moe_z2")
     outs = {}
     for policy in ("latest", "merged"):
         outs[policy] = tmp_path / f"pma_{policy}"
-        merge([run], outs[policy], last=3, fmt="deepspeed", optimizer_state=policy,
-              progress=False)
+        merge([run], outs[policy], Selection(last=3),
+              OutputOptions(fmt="deepspeed", optimizer_state=policy), progress=False)
     hf_out = tmp_path / "pma_hf"
-    merge([run], hf_out, last=3, progress=False)
+    merge([run], hf_out, Selection(last=3), progress=False)
     base = [*MOE_Z2, f"data.cache_dir={data_cache}", f"output_dir={tmp_path}",
             "train.max_tokens=512", "schedule.decay_tokens=0", "logging.val_every=2"]
     arms = {"reset": (outs["latest"], "reset"), "latest": (outs["latest"], "latest"),
