@@ -24,4 +24,4 @@ OUT="$RUN/merged/sma_last$N"
 echo "[quickstart] evaluating every checkpoint and the merge on the run's fixed validation batches"
 "$MERGE" compare "$RUN" "$OUT" --png "$RUN/compare.png" --quiet
 echo "[quickstart] done in $(( $(date +%s) - start )) s. Merged HF model: $OUT"
-echo "[quickstart] watch the run: $VENV/bin/tensorboard --logdir runs/"
+echo "[quickstart] watch the run: $VENV/bin/tensorboard --logdir $(dirname "$RUN")"

@@ -8,6 +8,7 @@ merged model as a point at its newest input's tokens and the window of checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -137,6 +138,20 @@ def _tokens_tick(x: float, _pos: int) -> str:
     return f"{x:g}"
 
 
+@contextlib.contextmanager
+def _no_loading_bars():
+    """transformers' per-model "Loading weights" bars off (one per evaluation otherwise)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def compare(run: str | Path, merged: str | Path, png: str | Path | None = None,
             recipe: str | Path | None = None, hf_config: str | Path | None = None,
             echo: Callable[[str], None] | None = None) -> dict:
@@ -160,11 +175,12 @@ def compare(run: str | Path, merged: str | Path, png: str | Path | None = None,
                    for t in tags]
     window = merged_window(manifest, checkpoints, run)
     todo = checkpoints if png else [checkpoints[-1]]
-    for i, c in enumerate(todo, 1):
-        echo(f"evaluating {c['tag']} ({i}/{len(todo)})")
-        c["loss"] = evaluate(c["path"], recipe=recipe_path, hf_config=hf_config)["loss"]
-    echo(f"evaluating {merged}")
-    m = evaluate(merged, recipe=recipe_path)
+    with _no_loading_bars():
+        for i, c in enumerate(todo, 1):
+            echo(f"evaluating {c['tag']} ({i}/{len(todo)})")
+            c["loss"] = evaluate(c["path"], recipe=recipe_path, hf_config=hf_config)["loss"]
+        echo(f"evaluating {merged}")
+        m = evaluate(merged, recipe=recipe_path)
     losses = {c["step"]: c["loss"] for c in todo}
     inputs = [{**c, "loss": losses.get(c["step"])} for c in window]
     merged_row = {"path": str(merged), "strategy": manifest.get("strategy"),
