@@ -159,7 +159,7 @@ def compare(run: str | Path, merged: str | Path, png: str | Path | None = None,
     checkpoint for the plot) on the run's validation batches; returns every number."""
     from moe_merge.checkpoint.discover import find_tags
     from moe_merge.config.recipe import load_recipe
-    from moe_merge.evals.loss import evaluate
+    from moe_merge.evals.loss import eval_windows, score
 
     echo = echo or (lambda s: print(s, file=sys.stderr, flush=True))
     run, merged = Path(run), Path(merged)
@@ -175,12 +175,14 @@ def compare(run: str | Path, merged: str | Path, png: str | Path | None = None,
                    for t in tags]
     window = merged_window(manifest, checkpoints, run)
     todo = checkpoints if png else [checkpoints[-1]]
+    windows = eval_windows(cfg)  # the same for every model scored
     with _no_loading_bars():
         for i, c in enumerate(todo, 1):
             echo(f"evaluating {c['tag']} ({i}/{len(todo)})")
-            c["loss"] = evaluate(c["path"], recipe=recipe_path, hf_config=hf_config)["loss"]
+            c["loss"] = score(Path(c["path"]), cfg, recipe_path, hf_config=hf_config,
+                              windows=windows)["loss"]
         echo(f"evaluating {merged}")
-        m = evaluate(merged, recipe=recipe_path)
+        m = score(merged, cfg, recipe_path, windows=windows)
     losses = {c["step"]: c["loss"] for c in todo}
     inputs = [{**c, "loss": losses.get(c["step"])} for c in window]
     merged_row = {"path": str(merged), "strategy": manifest.get("strategy"),

@@ -156,6 +156,13 @@ def evaluate(model_path: str | Path, recipe: str | Path | None = None,
         raise MergeError(f"{model_path}: cannot find the run's recipe.yaml for its validation "
                          "batches; pass --recipe RECIPE")
     cfg = load_recipe(recipe_path, overrides or [])
+    return score(model_path, cfg, recipe_path, data=data, hf_config=hf_config)
+
+
+def score(model_path: Path, cfg: RecipeConfig, recipe_path: Path, data: str | None = None,
+          hf_config: str | Path | None = None, windows=None) -> dict:
+    """:func:`evaluate` with the recipe loaded; ``windows``: the validation windows, when the
+    caller scores several models on the same ones (built here otherwise)."""
     with tempfile.TemporaryDirectory(prefix="moe_merge_eval_") as tmp:
         hf_dir = model_path
         label = str(model_path)
@@ -168,7 +175,8 @@ def evaluate(model_path: str | Path, recipe: str | Path | None = None,
             merge([tag.path], Path(tmp) / "model", Selection(last=1),
                   OutputOptions(hf_config=hf_config), progress=False, echo=lambda s: None)
             hf_dir = Path(tmp) / "model"
-        windows = eval_windows(cfg, data, hf_dir if data else None)
+        if windows is None:
+            windows = eval_windows(cfg, data, hf_dir if data else None)
         model = load_hf(hf_dir)
         loss, tokens = loss_on(model, windows, cfg.parallel.micro_batch)
     return {"model": label, "recipe": str(recipe_path), "data": data or cfg.data.source,

@@ -80,10 +80,14 @@ def _pma_init_markdown(res: dict, plots: list[str]) -> str:
                          f"{_f(a['val_final'])} | {_f(a['warmup_grad_norm_max'])} | "
                          f"{_f(a['warmup_grad_norm_std'])} | {a['spikes']} "
                          f"{a['spike_steps'] if a['spikes'] else ''} |")
-    lines += ["", *[f"![{p}]({p})" for p in plots], "",
-              f"Runs trained {res['runs_trained']}, reused {res['runs_reused']}; training "
-              f"{res['train_seconds'] / 60:.1f} min, study {res['wall_seconds'] / 60:.1f} min.", ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, *_footer(res, plots)])
+
+
+def _footer(res: dict, plots: list[str]) -> list[str]:
+    """The plots and the study's cost, closing either report."""
+    return ["", *[f"![{p}]({p})" for p in plots], "",
+            f"Runs trained {res['runs_trained']}, reused {res['runs_reused']}; training "
+            f"{res['train_seconds'] / 60:.1f} min, study {res['wall_seconds'] / 60:.1f} min.", ""]
 
 
 def _f(x, digits: int = 4) -> str:
@@ -193,10 +197,7 @@ def _spike_markdown(res: dict, plots: list[str]) -> str:
                 f"{outcome} | "
                 f"{a['steps_to_trend'] if a['steps_to_trend'] is not None else '-'} | "
                 f"{_f(a['final_val'])} |")
-    lines += ["", *[f"![{p}]({p})" for p in plots], "",
-              f"Runs trained {res['runs_trained']}, reused {res['runs_reused']}; training "
-              f"{res['train_seconds'] / 60:.1f} min, study {res['wall_seconds'] / 60:.1f} min.", ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, *_footer(res, plots)])
 
 
 def _spike_plots(out: Path, res: dict) -> list[str]:
