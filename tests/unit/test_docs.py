@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import fnmatch
 import os
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +43,46 @@ OTHER = {
 }
 # Files a command may name that the user creates (they are not in the repository).
 USER_FILES = {"launch/hostfile": "the user's copy of launch/hostfile.example"}
+# Directories the project's own commands write into (git-ignored, absent in a fresh clone).
+OUTPUT_DIRS = {"bench/out": "what the benchmarks write and cache"}
 # First path components that mean "a file of this repository".
 REPO_DIRS = ("recipes", "launch", "ds_configs", "bench", "tests", "moe_merge", "docs")
 PLACEHOLDER = re.compile(r"^(?:[A-Z][A-Z0-9_]*|\.\.\.|.*<.*>.*)$")  # RUN, CKPT, DIR, <...>, ...
 ANGLE = re.compile(r"<[A-Za-z][^<>\n]*>")
 ENV = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+
+
+def _repository_files() -> set[str] | None:
+    """The files git tracks and their directories, or None outside a git checkout.
+
+    A path must be in the repository, not just on this disk: a run output left in the working
+    tree would otherwise pass here and fail in a fresh clone.
+    """
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    files = {f for f in out.stdout.decode().split("\0") if f}
+    dirs = {str(parent) for f in files for parent in Path(f).parents if str(parent) != "."}
+    return files | dirs
+
+
+TRACKED = _repository_files()
+
+
+def in_repository(path: str) -> bool:
+    """``path`` (relative, maybe with a trailing / or a glob) names a file of the repository."""
+    path = path.rstrip("/")
+    head, sep, tail = path.partition("/")
+    if (REPO / head).is_symlink():  # ds_configs -> moe_merge/config/ds_configs
+        path = str((REPO / head).resolve().relative_to(REPO)) + sep + tail
+    if any(path == d or path.startswith(d + "/") for d in OUTPUT_DIRS):
+        return True
+    if TRACKED is None:
+        return bool(list(REPO.glob(path))) if "*" in path else (REPO / path).exists()
+    if "*" in path:
+        return any(fnmatch.fnmatchcase(f, path) for f in TRACKED)
+    return path in TRACKED
 
 
 @dataclass(frozen=True)
@@ -138,7 +175,7 @@ def _check_paths(words) -> None:
         value = word.split("=", 1)[1] if "=" in word else word
         value = value.rstrip(",")
         if value.split("/", 1)[0] in REPO_DIRS and "/" in value and value not in USER_FILES:
-            assert (REPO / value).exists(), f"{value}: no such file in the repository"
+            assert in_repository(value), f"{value}: no such file in the repository"
 
 
 class Checker:
@@ -353,8 +390,7 @@ def test_repository_paths_named_in_the_text_exist(page: Path):
         path = name.split(":", 1)[0]
         if "<" in path or path in USER_FILES:
             continue
-        found = list(REPO.glob(path)) if "*" in path else [REPO / path] * (REPO / path).exists()
-        assert found, f"{page.name}: `{name}`: no such file in the repository"
+        assert in_repository(path), f"{page.name}: `{name}`: no such file in the repository"
 
 
 def _anchors(page: Path) -> set[str]:
