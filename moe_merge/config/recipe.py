@@ -17,12 +17,11 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from moe_merge.errors import ConfigError
-from moe_merge.merge.strategies import STRATEGIES
+from moe_merge.merge.strategies import OPTIMIZER_POLICIES, STRATEGIES
 
 MOE_ARCHS = ("qwen3_moe", "mixtral")
 DENSE_ARCHS = ("qwen3", "llama")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
-OPTIMIZER_POLICIES = ("reset", "latest", "merged")
 SPIKE_ACTIONS = ("off", "continue", "rollback", "pma")
 
 

@@ -32,8 +32,8 @@ import torch
 from moe_merge.checkpoint.guard import check_tag
 from moe_merge.checkpoint.reader import DSCheckpoint, Piece, _for_state
 from moe_merge.checkpoint.safe_load import ALLOWED_GLOBALS, open_regular
-from moe_merge.config.recipe import OPTIMIZER_POLICIES
 from moe_merge.errors import CheckpointError
+from moe_merge.merge.strategies import OPTIMIZER_POLICIES
 
 
 def _load_shared(path: Path) -> dict:

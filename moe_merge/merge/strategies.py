@@ -52,6 +52,10 @@ class Strategy:
     help: str
 
 
+# What a DeepSpeed-format merge, PMA-init and the spike recovery's merge do with the optimizer
+# state: start Adam afresh, keep the newest checkpoint's moments, or merge the moments too.
+OPTIMIZER_POLICIES = ("reset", "latest", "merged")
+
 STRATEGIES: dict[str, Strategy] = {
     "sma": Strategy("sma", sma_weights, None, "equal weights"),
     "wma": Strategy("wma", wma_weights, None, "weight i / sum(j), newer weigh more"),

@@ -42,6 +42,10 @@ class PMAMonitor:
         self.snapshots: deque[tuple[int, list[torch.Tensor]]] = deque(maxlen=self.keep)
         self.min_n = cfg.min_n or cfg.n
 
+    def reset(self) -> None:
+        """Forget the window: after a spike recovery the trajectory restarts at an older step."""
+        self.snapshots.clear()
+
     @torch.no_grad()
     def snapshot(self, step: int) -> None:
         """Remember the module weights of the checkpoint just saved at ``step``."""
