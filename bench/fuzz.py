@@ -1,4 +1,4 @@
-"""A long run of the checkpoint mutation fuzzer (tests/fuzzing.py), outside the test suite.
+"""A long run of the checkpoint mutation fuzzer (tests/support/fuzzing.py), outside the suite.
 
 The test suite runs a few hundred cases of one seed; this runs as many as asked, over the same
 corpus: the two newest tags of the suite's moe_z2 and moe_z3 runs (2-rank AutoEP Qwen3-MoE,
@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-import fuzzing
+from support import fuzzing  # noqa: E402 (found through the sys.path entry above)
 
 OUT = REPO / "bench" / "out"
 KINDS = ("moe_z2", "moe_z3")

@@ -25,11 +25,12 @@ summed over the tree, sampled every 0.1 s: heap and tensors, no file pages); and
 other processes used meanwhile. Each contender runs in two page-cache states (--cache): hot, the
 files (for the floor and moe-merge: the byte ranges) that it reads were read once beforehand,
 untimed; and cold, its input files were evicted from the page cache (posix_fadvise DONTNEED), so
-it reads them from disk, as a merge of checkpoints written hours before does. The machine may be shared, so each timed run waits (up to --max-wait s) until other
-processes use < 0.25 cores. Contenders alternate within a repeat, in reversed order on odd
-repeats; ds_to_universal, 10-20x slower than the rest, runs --universal-repeats times (1). On the
-first repeat every output is compared with moe-merge's (max |difference| after the AutoEP -> HF
-name map), and the moe_merge/ sources are hashed before and after the run.
+it reads them from disk, as a merge of checkpoints written hours before does. The machine may be
+shared, so each timed run waits (up to --max-wait s) until other processes use < 0.25 cores.
+Contenders alternate within a repeat, in reversed order on odd repeats; ds_to_universal, 10-20x
+slower than the rest, runs --universal-repeats times (1). On the first repeat every output is
+compared with moe-merge's (max |difference| after the AutoEP -> HF name map), and the moe_merge/
+sources are hashed before and after the run.
 
     .venv/bin/python bench/merge_bench.py [--n 4,10] [--repeats 2] [--max-shard-size 200MB]
                                           [--cache hot,cold]
@@ -303,13 +304,17 @@ def bench_n(run: Path, n: int, args, contenders: list[str], logs: Path) -> dict:
                     shutil.rmtree(work / "universal_tmp", ignore_errors=True)
                 if rep == 0 and cache == args.cache[0] and c not in ("floor", "moe-merge"):
                     kind = "hf" if c.startswith("moe-merge") or c == "mergekit" else "ckpt"
-                    chk = subprocess.run([PY, CHILD, "check", str(ref), str(tags[-1]), kind, str(o)],
-                                         check=True, env=env(), capture_output=True, text=True)
+                    chk = subprocess.run(
+                        [PY, CHILD, "check", str(ref), str(tags[-1]), kind, str(o)],
+                        check=True, env=env(), capture_output=True, text=True)
                     result["check"][c] = json.loads(chk.stdout.strip().splitlines()[-1])
-                    print(f"      max |{c} - moe-merge| = {result['check'][c]['max_abs_diff']:.3g}"
-                          f" (largest |weight| {result['check'][c]['max_abs_value']:.3g})", flush=True)
+                    print(f"      max |{c} - moe-merge| = "
+                          f"{result['check'][c]['max_abs_diff']:.3g}"
+                          f" (largest |weight| {result['check'][c]['max_abs_value']:.3g})",
+                          flush=True)
                 if c != "moe-merge":
-                    shutil.rmtree(o, ignore_errors=True) if o.is_dir() else o.unlink(missing_ok=True)
+                    (shutil.rmtree(o, ignore_errors=True) if o.is_dir()
+                     else o.unlink(missing_ok=True))
     shutil.rmtree(work, ignore_errors=True)
     return result
 
@@ -334,9 +339,11 @@ def table(res: dict) -> str:
         floor = statistics.median(r["wall_s"] for r in runs["floor"])
         rate = statistics.median(r["read_bytes"] / r["read_s"] for r in runs["floor"]) / 1e9
         lines = [f"N = {res['n']} ({', '.join(res['tags'][:1] + ['...'] + res['tags'][-1:])}), "
-                 f"{'inputs in the page cache' if mode == 'hot' else 'inputs evicted from the page cache (read from disk)'}"
-                 f": {res['floor_bytes'] / 1e9:.2f} GB of fp32 master records to read "
-                 f"({res['input_bytes'] / 1e9:.1f} GB on disk); floor read rate {rate:.1f} GB/s", "",
+                 + ("inputs in the page cache" if mode == "hot"
+                    else "inputs evicted from the page cache (read from disk)")
+                 + f": {res['floor_bytes'] / 1e9:.2f} GB of fp32 master records to read "
+                 f"({res['input_bytes'] / 1e9:.1f} GB on disk); floor read rate {rate:.1f} GB/s",
+                 "",
                  "| contender | wall s (median) | runs | × floor | peak RSS MiB | peak anon MiB "
                  "| max abs diff vs moe-merge |", "|---|---|---|---|---|---|---|"]
         for c, rs in runs.items():

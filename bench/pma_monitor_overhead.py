@@ -73,7 +73,8 @@ def main() -> None:
                 wall = launch(args.recipe, ov)
                 stats = {"wall_s": wall, **loop_stats(out / cfg.name)}
                 runs[kind].append(stats)
-                print(f"  {kind:11s} repeat {rep}: wall {wall:6.1f} s, loop {stats['loop_s']:6.1f} s,"
+                print(f"  {kind:11s} repeat {rep}: wall {wall:6.1f} s, "
+                      f"loop {stats['loop_s']:6.1f} s,"
                       f" monitor {stats['pma_s']:5.1f} s in {stats['pma_evals']} evaluations",
                       flush=True)
     off, on = runs["monitor off"], runs["monitor on"]

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="moe-merge",
         description="Model merging during LLM pre-training (PMA) for DeepSpeed dense and MoE runs.",
-        epilog="Training runs through the deepspeed launcher: ./launch/train.sh RECIPE [key=value ...]"
+        epilog="Training runs through the deepspeed launcher: "
+               "./launch/train.sh RECIPE [key=value ...]"
                " or deepspeed --num_gpus N --module moe_merge.train RECIPE [key=value ...].",
     )
     ap.add_argument("--version", action="version", version=f"moe-merge {__version__}")
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "loss spikes: pma vs rollback vs continue)")
     sd.add_argument("kind", choices=["anneal", "pma-init", "spike"])
     sd.add_argument("recipe", help="study recipe (e.g. recipes/study_anneal_tiny.yaml, "
-                                   "recipes/study_pma_init_tiny.yaml, recipes/study_spike_tiny.yaml)")
+                                   "recipes/study_pma_init_tiny.yaml, "
+                                   "recipes/study_spike_tiny.yaml)")
     sd.add_argument("overrides", nargs="*", help="key=value overrides of the training recipe, "
                                                  "or study.key=value of its study section")
     sd.add_argument("--out", default=None,

@@ -1,1 +1,2 @@
-"""Checkpoint reading: discovery, the restricted unpickler, layouts of DeepSpeed checkpoints, names."""
+"""Checkpoint reading: discovery, the restricted unpickler, layouts of DeepSpeed checkpoints,
+names."""

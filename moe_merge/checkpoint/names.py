@@ -328,6 +328,6 @@ def check_against_hf(outs: list[OutTensor], expected: dict[str, tuple[int, ...]]
                                   f"{list(shape)} in the HF model")
     extra = [n for n in have if n not in expected]
     if extra:
-        raise CheckpointError(f"{hf_dir}/config.json: the checkpoint has tensor {extra[0]} that the "
-                              "HF model does not (wrong --hf-config?)")
+        raise CheckpointError(f"{hf_dir}/config.json: the checkpoint has tensor {extra[0]} "
+                              "that the HF model does not (wrong --hf-config?)")
     return outs

@@ -88,7 +88,8 @@ class DataConfig:
     val_fraction: float = 0.05
     """Fraction of documents held out for validation (split by a hash of the document id)."""
     cache_dir: str = ""
-    """Where tokenizers and token memmaps are cached; empty: $MOE_MERGE_CACHE or ~/.cache/moe_merge."""
+    """Where tokenizers and token memmaps are cached; empty: $MOE_MERGE_CACHE or
+    ~/.cache/moe_merge."""
 
 
 @dataclass
@@ -125,7 +126,8 @@ class ParallelConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0-3; picks the bundled zero<stage>.json unless ds_config is set."""
     ds_config: str = ""
-    """DeepSpeed engine-settings JSON: a file, or a bundled name (gpu_zero2.json); empty: zero<stage>."""
+    """DeepSpeed engine-settings JSON: a file, or a bundled name (gpu_zero2.json); empty:
+    zero<stage>."""
     ep_size: int = 1
     """Expert-parallel size (DeepSpeed AutoEP); 1 keeps every expert on every rank."""
     micro_batch: int = 8
@@ -139,7 +141,8 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     every_tokens: float = 0.0
-    """Save a checkpoint every this many tokens (the paper's interval V); 0 saves only at the end."""
+    """Save a checkpoint every this many tokens (the paper's interval V); 0 saves only at the
+    end."""
     keep_last: int = 0
     """Keep only the newest k checkpoints; 0 keeps all."""
     save_final: bool = True

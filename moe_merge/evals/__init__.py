@@ -1,1 +1,2 @@
-"""Evaluation of models and runs: validation loss, analyze (what a merge gains and why), scaling law."""
+"""Evaluation of models and runs: validation loss, analyze (what a merge gains and why),
+scaling law."""

@@ -1,4 +1,5 @@
-"""``moe-merge analyze``: measure the second-order mechanism of merging with Hessian-vector products.
+"""``moe-merge analyze``: measure the second-order mechanism of merging with Hessian-vector
+products.
 
 The PMA paper (arXiv 2505.12082) explains the merge gain with a second-order expansion: with
 deviations δ_i = θ_i − θ_r from a point θ_r and H the Hessian of the validation loss there,
@@ -11,7 +12,8 @@ The weighted mean of the individual losses minus the merged loss is then
 
 with D_ij = δ_iᵀHδ_j: the gradient cancels, merging helps when the cross-terms are negative
 (complementary deviations), and for SMA (w_i = 1/k) it is the paper's condition
-Σ_{i≠j} D_ij < (k − 1) Σ_i D_ii. For a quadratic loss all of this is exact and does not depend on θ_r.
+Σ_{i≠j} D_ij < (k − 1) Σ_i D_ii. For a quadratic loss all of this is exact and does not depend on
+θ_r.
 
 This module measures D with Hessian-vector products (double backward, one per checkpoint per
 batch) at θ_r (by default the merged weights, so δ̄ = 0), the gradient term gᵀδ_i, and the
@@ -73,7 +75,8 @@ class SecondOrder:
     def predicted_gain_vs_latest(self) -> float:
         """Second-order prediction of L(θ_k) − L(θ̄), θ_k the last (newest) point."""
         g_bar = sum(wi * gi for wi, gi in zip(self.weights, self.grad_dot))
-        return (self.grad_dot[-1] + 0.5 * self.D[-1][-1]) - (g_bar + 0.5 * self.merged_delta_hessian)
+        return ((self.grad_dot[-1] + 0.5 * self.D[-1][-1])
+                - (g_bar + 0.5 * self.merged_delta_hessian))
 
     @property
     def measured_gain_vs_latest(self) -> float:
@@ -291,10 +294,11 @@ def analyze(ckpts: Sequence[str | Path], *, selection: Selection = Selection(),
             batches: int | None = None, micro_batch: int | None = None, float64: bool = False,
             out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
             echo=print) -> dict:
-    """Choose checkpoints and weights by ``selection`` as ``moe-merge merge`` does, measure the second-order terms of their
-    merge on the run's fixed validation batches (the first ``batches`` micro-batches of
-    ``micro_batch`` windows, default the recipe's), and write ``analysis.json``, ``report.md``
-    and ``hessian_terms.png`` into ``out`` (atomically) when given."""
+    """Choose checkpoints and weights by ``selection`` as ``moe-merge merge`` does, measure the
+    second-order terms of their merge on the run's fixed validation batches (the first
+    ``batches`` micro-batches of ``micro_batch`` windows, default the recipe's), and write
+    ``analysis.json``, ``report.md`` and ``hessian_terms.png`` into ``out`` (atomically) when
+    given."""
     from moe_merge.checkpoint.discover import hf_dir_for
     from moe_merge.config.recipe import load_recipe
     from moe_merge.errors import MergeError
@@ -378,10 +382,12 @@ def render(r: dict, markdown: bool = False) -> str:
     lines.append(f"expansion point: {r['reference']}; {r['batches']} validation batches, "
                  f"{r['tokens']:,} tokens, {r['dtype']}")
     lines.append(f"merged loss {r['loss_merged']:.5f}; weighted mean of the checkpoints' losses "
-                 f"{r['loss_merged'] + r['gain']['measured']:.5f}; latest {r['loss_points'][-1]:.5f}")
+                 f"{r['loss_merged'] + r['gain']['measured']:.5f}; "
+                 f"latest {r['loss_points'][-1]:.5f}")
     lines.append(f"gain over the mean checkpoint: measured {r['gain']['measured']:+.5f}, "
                  f"second-order prediction {r['gain']['predicted']:+.5f}")
-    lines.append(f"gain over the latest checkpoint: measured {r['gain_vs_latest']['measured']:+.5f}, "
+    lines.append(f"gain over the latest checkpoint: "
+                 f"measured {r['gain_vs_latest']['measured']:+.5f}, "
                  f"prediction {r['gain_vs_latest']['predicted']:+.5f}")
     if ct["pairs"]:
         lines.append(f"cross-terms δ_iᵀHδ_j (i<j): {ct['negative']} of {ct['pairs']} negative "

@@ -9,8 +9,8 @@ runs with known LR schedules; the fitted law then predicts the loss of any other
 an annealing branch from a fork point, without training it.
 
 The fit: for a fixed alpha the law is linear in (L0, A, C), so each alpha gets an exact least-
-squares solve (with A, C >= 0); alpha itself is found by a grid over [1e-3, 3] (log-spaced) refined by golden-
-section search. No scipy needed, and no starting guess.
+squares solve (with A, C >= 0); alpha itself is found by a grid over [1e-3, 3] (log-spaced)
+refined by golden-section search. No scipy needed, and no starting guess.
 """
 
 from __future__ import annotations

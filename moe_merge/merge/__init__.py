@@ -1,1 +1,2 @@
-"""Merging: strategies (pure weight functions), the streaming merge, and its HF and DeepSpeed writers."""
+"""Merging: strategies (pure weight functions), the streaming merge, and its HF and DeepSpeed
+writers."""

@@ -274,8 +274,8 @@ class ShardWriter:
         shape, dtype = self.specs[name]
         if (i not in self.only or self.shards[i][self.next[i]] != name
                 or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype):
-            raise RuntimeError(f"internal error: tensor {name} {tuple(tensor.shape)} {tensor.dtype} "
-                               f"out of the planned order or shape")
+            raise RuntimeError(f"internal error: tensor {name} {tuple(tensor.shape)} "
+                               f"{tensor.dtype} out of the planned order or shape")
         self.next[i] += 1
         self.remaining[i] -= 1
         if self._last is not None:

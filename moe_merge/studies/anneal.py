@@ -104,7 +104,8 @@ def load_study(path: str | Path, overrides: list[str] = (), quick: bool = False,
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{path}: study section: "
-                          f"{f'key study.{key}: ' if key else ''}{str(e).splitlines()[0]}") from None
+                          f"{f'key study.{key}: ' if key else ''}"
+                          f"{str(e).splitlines()[0]}") from None
     cfg = load_recipe(path, train_ov, data=raw)
     check(cfg, st, path)
     from moe_merge.config.recipe import to_yaml
@@ -321,7 +322,8 @@ class AnnealStudy(StudyBase):
         end = fork + self.decay_steps
         val_every = max(1, self.decay_steps // max(self.st.branch_val_points, 1))
         return [f"train.fork_from={trunk / 'checkpoints' / f'global_step{fork}'}",
-                f"train.max_tokens={end * self.tps}", f"schedule.decay_tokens={self.decay_steps * self.tps}",
+                f"train.max_tokens={end * self.tps}",
+                f"schedule.decay_tokens={self.decay_steps * self.tps}",
                 f"schedule.decay_shape={self.st.decay_shape}", f"logging.val_every={val_every}"]
 
     def _lrs(self, fork: int | None = None) -> list[float]:

@@ -83,11 +83,13 @@ def _markdown(res: dict, plots: list[str]) -> str:
                   "Merged loss minus the latest checkpoint's (negative: merging helps); "
                   "`-` the window does not fit in the run; `w` it reaches into warmup.", ""]
         for f in sorted({c["fork_step"] for c in grid}):
-            lines += [f"Windows ending at step {f}:", "", "| V (ckpts) | N | " + " | ".join(STRATS) + " |",
+            lines += [f"Windows ending at step {f}:", "",
+                      "| V (ckpts) | N | " + " | ".join(STRATS) + " |",
                       "|---|---|" + "---|" * len(STRATS)]
             for c in [c for c in grid if c["fork_step"] == f]:
                 cells = [("-" if not c["fits"] else
-                          f"{c['merged'][k] - c['latest']:+.4f}{' w' if c['reaches_warmup'] else ''}")
+                          f"{c['merged'][k] - c['latest']:+.4f}"
+                          f"{' w' if c['reaches_warmup'] else ''}")
                          for k in STRATS]
                 lines.append(f"| {c['interval']} | {c['n']} | " + " | ".join(cells) + " |")
             lines.append("")
@@ -110,7 +112,8 @@ def _plots(out: Path, res: dict) -> list[str]:
     seed0 = res["seeds"][0]
     fig, ax = plt.subplots(figsize=(8, 5))
     tv = seed0["trunk_val"]
-    ax.plot([s * tps for s, _ in tv], [v for _, v in tv], color="tab:blue", label="constant LR (trunk)")
+    ax.plot([s * tps for s, _ in tv], [v for _, v in tv], color="tab:blue",
+            label="constant LR (trunk)")
     for i, (f, curve) in enumerate(seed0["branch_val"].items()):
         pts = [(s, v) for s, v in curve if s >= int(f)]
         ax.plot([s * tps for s, _ in pts], [v for _, v in pts], color="tab:red",
@@ -154,8 +157,8 @@ def _plots(out: Path, res: dict) -> list[str]:
         forks = sorted({c["fork_step"] for c in grid})
         vs = sorted({c["interval"] for c in grid})
         ns = sorted({c["n"] for c in grid})
-        fig, axes = plt.subplots(len(forks), len(STRATS), figsize=(3.2 * len(STRATS), 2.8 * len(forks)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(len(forks), len(STRATS),
+                                 figsize=(3.2 * len(STRATS), 2.8 * len(forks)), squeeze=False)
         for i, f in enumerate(forks):
             for j, k in enumerate(STRATS):
                 m = np.full((len(vs), len(ns)), np.nan)

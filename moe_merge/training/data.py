@@ -60,7 +60,8 @@ def list_documents(cfg: DataConfig) -> list[Document]:
     src = Path(cfg.source)
     if not src.exists():
         raise DataError(f"data.source: {src} does not exist")
-    files = sorted(p for p in src.rglob("*") if p.suffix in (".txt", ".jsonl")) if src.is_dir() else [src]
+    files = (sorted(p for p in src.rglob("*") if p.suffix in (".txt", ".jsonl")) if src.is_dir()
+             else [src])
     if not files:
         raise DataError(f"data.source: no .txt or .jsonl files under {src}")
     docs: list[Document] = []
@@ -222,8 +223,10 @@ def prepare(cfg: DataConfig) -> TokenData:
         vocab = len(tokenizer)
         dtype = np.uint16 if vocab <= 65535 else np.uint32
         logger.info("tokenizing %d train / %d validation documents", len(train_docs), len(val_docs))
-        n_train = _write_tokens(iter_texts(train_docs, cfg.jsonl_key), tokenizer, root / "train.bin", dtype)
-        n_val = _write_tokens(iter_texts(val_docs, cfg.jsonl_key), tokenizer, root / "val.bin", dtype)
+        n_train = _write_tokens(iter_texts(train_docs, cfg.jsonl_key), tokenizer,
+                                root / "train.bin", dtype)
+        n_val = _write_tokens(iter_texts(val_docs, cfg.jsonl_key), tokenizer, root / "val.bin",
+                              dtype)
         meta = {"vocab_size": vocab, "dtype": np.dtype(dtype).name, "train_tokens": n_train,
                 "val_tokens": n_val, "train_docs": len(train_docs), "val_docs": len(val_docs)}
         tmp = root / "done.json.tmp"

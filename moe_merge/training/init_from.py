@@ -34,7 +34,8 @@ class InitSource:
         if m is not None:
             out["merge"] = {"strategy": m.get("strategy"), "alpha": m.get("alpha"),
                             "steps": [i.get("step") for i in m.get("inputs", [])],
-                            "weights": m.get("weights"), "optimizer_state": m.get("optimizer_state"),
+                            "weights": m.get("weights"),
+                            "optimizer_state": m.get("optimizer_state"),
                             "inputs": [i.get("path") for i in m.get("inputs", [])]}
         return out
 

@@ -70,7 +70,8 @@ class ParamCounts:
 
     def describe(self) -> str:
         return (f"total {human(self.total)} ({self.total:,}), active/token {human(self.active)} "
-                f"({self.active:,}), experts {human(self.expert)}, embeddings {human(self.embedding)}")
+                f"({self.active:,}), experts {human(self.expert)}, "
+                f"embeddings {human(self.embedding)}")
 
 
 def count_params(m: ModelConfig, vocab_size: int) -> ParamCounts:

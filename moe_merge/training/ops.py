@@ -3,8 +3,8 @@
 DeepSpeed compiles its CPU ops (the shared-memory comm op that every CPU process group loads,
 and FusedAdam) on first use, in every rank at once, guarded by a lock file in torch's extension
 cache. A compile that is killed (OOM, Ctrl-C, CI time-out) leaves that lock behind and every
-later launch waits on it forever. ``python -m moe_merge.training.ops`` builds the ops in one process and
-clears a lock that is older than any compile takes.
+later launch waits on it forever. ``python -m moe_merge.training.ops`` builds the ops in one
+process and clears a lock that is older than any compile takes.
 
 Run by launch/setup_env.sh on machines without a GPU.
 """

@@ -1,4 +1,4 @@
-"""The seeded mutation fuzzer (tests/fuzzing.py) over real checkpoint files: every mutated
+"""The seeded mutation fuzzer (tests/support/fuzzing.py) over real checkpoint files: every mutated
 checkpoint is refused in one line or merges to the clean output, within a time and memory
 bound; and the fuzzer's own parts: the pickle rewrite keeps the archive consistent, cases
 replay alone, the oracle flags every kind of failure, the worker's bounds hold.
@@ -185,7 +185,8 @@ def misbehave(argv):
 
 
 def test_the_worker_bounds_hold_and_a_dead_worker_is_reported(runs, tmp_path):
-    res = fuzzing.run(runs, tmp_path, seed=SEED, cases=4, case_main="integration.test_fuzz:misbehave")
+    res = fuzzing.run(runs, tmp_path, seed=SEED, cases=4,
+                      case_main="integration.test_fuzz:misbehave")
     got = [(r["case"], r["outcome"]) for r in res.records]
     assert got[0] == (0, "fail:MemoryError"), res.report()
     assert got[1] == (1, f"fail:worker-died:{-signal.SIGABRT}"), res.report()

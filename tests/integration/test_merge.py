@@ -163,7 +163,8 @@ def test_chunked_streaming_equals_whole_tensor_gathering(kind, trained, tmp_path
 
 def test_cross_layout_merge_gathers_before_averaging(trained, tmp_path):
     """Checkpoints saved under ZeRO-1, ZeRO-3 and EP=1 merge into their exact average."""
-    tags = [tag(trained("moe_z1"), 8), copy_tag(tag(trained("moe_z3"), 8), tmp_path, "global_step9"),
+    tags = [tag(trained("moe_z1"), 8),
+            copy_tag(tag(trained("moe_z3"), 8), tmp_path, "global_step9"),
             copy_tag(tag(trained("moe_ep1_z2"), 8), tmp_path, "global_step10")]
     m = merge(tags, tmp_path / "out", output=SAFETENSORS, progress=False)
     assert [i["zero_stage"] for i in m["inputs"]] == [1, 3, 2]

@@ -85,7 +85,8 @@ def test_init_from_reproduces_the_merged_weights_at_step_0(trained, tmp_path, da
                         "merged": merged[p][s]}[policy]
                 assert torch.equal(t[s], want), (name, p, s)
         init = json.loads((tmp_path / name / "init.json").read_text())
-        assert init["optimizer"] == policy and init["merged"] and init["merge"]["steps"] == [4, 6, 8]
+        assert (init["optimizer"] == policy and init["merged"]
+                and init["merge"]["steps"] == [4, 6, 8])
         assert init["format"] == ("hf" if name == "hf" else "deepspeed")
     assert any(not torch.equal(merged[p]["exp_avg"], latest[p]["exp_avg"]) for p in merged)
     # the same weights and a fresh optimizer by two routes: the same training
@@ -125,7 +126,8 @@ def test_injected_nan_triggers_pma_recovery_and_training_continues(trained, tmp_
     assert spike["step"] == 5 and spike["kind"] == "nonfinite"
     assert rec["action"] == "pma" and rec["checkpoints"] == ["global_step2", "global_step4"]
     assert rec["resume_step"] == 4 and rec["attempt"] == 1
-    manifest = json.loads((run / "recovery" / "spike5_attempt1" / "merge_manifest.json").read_text())
+    manifest = json.loads(
+        (run / "recovery" / "spike5_attempt1" / "merge_manifest.json").read_text())
     assert [i["step"] for i in manifest["inputs"]] == [2, 4] and manifest["weights"] == [0.5, 0.5]
     losses = train_losses(run)  # the kept trajectory: the replayed step 5 overrides the NaN
     assert sorted(losses) == list(range(1, 9)) and all(map(math.isfinite, losses.values()))
@@ -150,8 +152,9 @@ def test_injected_nan_triggers_pma_recovery_and_training_continues(trained, tmp_
 def test_rollback_replays_the_uninterrupted_run(trained, tmp_path, data_cache):
     """Rollback reloads global_step4 with its optimizer state: steps 5..8 then repeat the run
     without the NaN bit for bit (conftest's moe_z2)."""
-    launch(MOE_RECIPE, [*MOE_Z2, "name=rb", f"output_dir={tmp_path}", f"data.cache_dir={data_cache}",
-                        "stability.on_spike=rollback", "stability.inject_nan_step=5"])
+    launch(MOE_RECIPE, [*MOE_Z2, "name=rb", f"output_dir={tmp_path}",
+                        f"data.cache_dir={data_cache}", "stability.on_spike=rollback",
+                        "stability.inject_nan_step=5"])
     rec = [m for m in read_metrics(tmp_path / "rb") if m.get("event") == "recovery"]
     assert [(r["action"], r["checkpoints"], r["resume_step"]) for r in rec] == [
         ("rollback", ["global_step4"], 4)]

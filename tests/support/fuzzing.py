@@ -36,8 +36,8 @@ after it (a poisoned class or cache) is found too. A case that times out or modi
 ends the worker, one that kills it (or stays silent for :data:`WATCHDOG` s) is recorded as
 such; the parent starts a new worker at the next case.
 
-    python tests/fuzzing.py --runs RUN... --seed 1 --cases 300     # one line per case, counts
-    python tests/fuzzing.py --runs RUN... --seed 1 --case 17 --keep --work DIR  # replay one
+    python tests/support/fuzzing.py --runs RUN... --seed 1 --cases 300   # a line per case, counts
+    python tests/support/fuzzing.py --runs RUN... --seed 1 --case 17 --keep --work DIR  # replay
 
 ``--runs`` defaults to ``$MOE_MERGE_TEST_RUNS/moe_z2`` and ``moe_z3`` (the test suite's kept
 runs).
@@ -237,8 +237,8 @@ def enc_int(v: int) -> bytes:
     if -2**31 <= v < 2**31:
         return b"J" + struct.pack("<i", v)
     raw = pickle.encode_long(v)
-    return (b"\x8a" + bytes([len(raw)]) if len(raw) < 256 else b"\x8b" + struct.pack("<i", len(raw))) \
-        + raw
+    return (b"\x8a" + bytes([len(raw)]) if len(raw) < 256
+            else b"\x8b" + struct.pack("<i", len(raw))) + raw
 
 
 def enc_str(s: str | bytes) -> bytes:
@@ -1116,7 +1116,8 @@ class Result:
             groups[(r["outcome"], _cause(r.get("detail", "")))].append(r)
         for (outcome, cause), rs in sorted(groups.items(), key=lambda g: -len(g[1])):
             r = rs[0]
-            lines.append(f"\n{outcome} x{len(rs)} (cases {', '.join(str(x['case']) for x in rs[:12])}"
+            lines.append(f"\n{outcome} x{len(rs)} "
+                         f"(cases {', '.join(str(x['case']) for x in rs[:12])}"
                          f"{' ...' if len(rs) > 12 else ''})")
             lines.append(f"  e.g. {r.get('run')} {r.get('fmt')} {r.get('file')}: "
                          f"{r['mutation']}")

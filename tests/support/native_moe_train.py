@@ -36,7 +36,8 @@ class Block(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(HIDDEN)
         self.mix = nn.Linear(HIDDEN, HIDDEN)
-        expert = nn.Sequential(nn.Linear(HIDDEN, 2 * HIDDEN), nn.GELU(), nn.Linear(2 * HIDDEN, HIDDEN))
+        expert = nn.Sequential(nn.Linear(HIDDEN, 2 * HIDDEN), nn.GELU(),
+                               nn.Linear(2 * HIDDEN, HIDDEN))
         self.moe = MoE(hidden_size=HIDDEN, expert=expert, num_experts=EXPERTS, ep_size=EP, k=1,
                        min_capacity=SEQ, drop_tokens=False)
 
@@ -59,7 +60,8 @@ class Net(nn.Module):
             x, a = b(x)
             aux = aux + a
         logits = self.head(x).float()
-        return nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + 0.01 * aux
+        return (nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                + 0.01 * aux)
 
 
 def engine_for(args) -> deepspeed.DeepSpeedEngine:
@@ -100,7 +102,8 @@ def main() -> None:
     ap.add_argument("--zero", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--load", type=Path, help="only load this checkpoint dir's latest tag and dump it")
+    ap.add_argument("--load", type=Path,
+                    help="only load this checkpoint dir's latest tag and dump it")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
 

@@ -30,7 +30,8 @@ DECAY = ["schedule.decay_tokens=512", "schedule.min_lr_ratio=0.1"]  # last 2 of 
 # Runs shared by the training and the merge tests: trained once per session, on first use.
 # 8 steps of 256 tokens, a checkpoint every 2 steps (global_step2 ... global_step8).
 RUNS = {
-    **{f"moe_z{z}": (MOE_RECIPE, [*TINY_MOE, *DECAY, f"parallel.zero_stage={z}"]) for z in (1, 2, 3)},
+    **{f"moe_z{z}": (MOE_RECIPE, [*TINY_MOE, *DECAY, f"parallel.zero_stage={z}"])
+       for z in (1, 2, 3)},
     **{f"dense_z{z}": (DENSE_RECIPE, [*TINY_DENSE, *DECAY, f"parallel.zero_stage={z}"])
        for z in (1, 2, 3)},
     "mixtral_z2": (MOE_RECIPE, [*TINY_MOE, "model.arch=mixtral"]),

@@ -5,9 +5,9 @@ check, the deepspeed runner, its ``launch.py``, the ranks), four of them importi
 server imports torch, DeepSpeed, transformers and moe-merge once, runs no tensor op (so no
 thread pool exists when it forks), and then, per request, forks one child per rank that sets the
 environment the deepspeed launcher would set (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT,
-CROSS_RANK/SIZE, LOCAL_SIZE and ``--local_rank=R`` before the arguments) and runs the module or script as
-``__main__``, exactly as ``python -m`` would. Like the launcher, when one rank fails the others
-are killed, and the launch's exit code is the first failing rank's.
+CROSS_RANK/SIZE, LOCAL_SIZE and ``--local_rank=R`` before the arguments) and runs the module or
+script as ``__main__``, exactly as ``python -m`` would. Like the launcher, when one rank fails the
+others are killed, and the launch's exit code is the first failing rank's.
 
 The tests check that this is the same launch: tests/integration/test_launch.py trains a run
 through ``launch/train.sh`` and the deepspeed launcher and compares it, loss for loss and byte
@@ -33,7 +33,7 @@ import traceback
 
 def warm_up() -> None:
     """Import what the launched programs import (no tensor op runs here)."""
-    import deepspeed  # noqa: F401
+    import deepspeed  # noqa: F401, I001 (the launched programs' import order, Muon last)
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from transformers import (  # noqa: F401

@@ -169,7 +169,8 @@ def test_hessian_vector_products_of_a_nonlinear_model():
     """A tanh MLP: the HVP terms equal the exact Hessian's, the gradient term the exact
     gradient's; the prediction is only second-order accurate, closer for closer checkpoints."""
     torch.manual_seed(5)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 2)).double()
     batches = _data(6, d_in=3, d_out=2)
     f, names = _flat_loss(model, batches)
     errors = []

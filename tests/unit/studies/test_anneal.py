@@ -28,7 +28,8 @@ def test_spearman_matches_hand_ranks():
 
 
 def test_fork_points_start_where_the_window_fits_after_warmup():
-    cfg = load_recipe(REPO / "tests" / "recipes" / "moe_tiny.yaml", ["checkpoint.every_tokens=2.048e4"])
+    cfg = load_recipe(REPO / "tests" / "recipes" / "moe_tiny.yaml",
+                      ["checkpoint.every_tokens=2.048e4"])
     st = AnnealStudyConfig(forks=4, n=6, interval=2)
     # warmup 20 steps, a checkpoint every 5: first window 20, 30, ..., 70
     # ... the last one branch (40 steps) before the end of the 200-step trunk

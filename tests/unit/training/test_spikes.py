@@ -105,9 +105,11 @@ def test_retries_go_one_checkpoint_further_back_and_new_spikes_start_afresh():
             count.resumed(chosen[-1])
     assert picks == [(0, [40]), (1, [30]), (2, [20]), (3, [10]), (0, [40])]
     count = RetryCount()
-    assert count.next(45) == 0 and recovery_plan(count.candidates(tags, 45), "pma", 3) == [20, 30, 40]
+    assert (count.next(45) == 0
+            and recovery_plan(count.candidates(tags, 45), "pma", 3) == [20, 30, 40])
     count.resumed(40)
-    assert count.next(44) == 1 and recovery_plan(count.candidates(tags, 44), "pma", 3) == [10, 20, 30]
+    assert (count.next(44) == 1
+            and recovery_plan(count.candidates(tags, 44), "pma", 3) == [10, 20, 30])
     count.resumed(30)
     assert count.next(45) == 2 and count.candidates([], 45) == []
     assert recovery_plan([], "rollback", 3) == []
