@@ -1,9 +1,9 @@
 """Merging N checkpoints of a ~111M-parameter MoE: moe-merge against the alternatives, side by side.
 
-The run: recipes/moe_tiny.yaml scaled to a 111M-parameter Qwen3-MoE (16 experts, 8 layers, AutoEP
-EP=2, ZeRO-2, fp32, 2 gloo ranks), 10 steps with a checkpoint after every step (1.7 GB per tag),
-trained once and kept in bench/out/runs/ (re-used by later invocations). For each N the newest N
-tags are merged (SMA) by:
+The run: tests/recipes/moe_tiny.yaml (the frozen tiny recipe) scaled to a 111M-parameter
+Qwen3-MoE (16 experts, 8 layers, AutoEP EP=2, ZeRO-2, fp32, 2 gloo ranks), 10 steps with a
+checkpoint after every step (1.7 GB per tag), trained once and kept in bench/out/runs/ (re-used
+by later invocations). For each N the newest N tags are merged (SMA) by:
 
   floor                 one plain read (os.preadv into a reused buffer, no torch) of exactly the
                         zip records a master-weight merge must read: the fp32 partitions
@@ -58,8 +58,8 @@ CHILD = str(REPO / "bench" / "merge_contenders.py")
 MERGEKIT_VENV = OUT / "venv-mergekit"
 RUN_NAME = "moe111m"
 STEPS = 10
-# 111.2M parameters (100.7M in experts): recipes/moe_tiny.yaml widened, 2 sequences of 64 tokens
-# per step so that 10 steps train in ~2 minutes, a checkpoint after every step, all kept.
+# 111.2M parameters (100.7M in experts): tests/recipes/moe_tiny.yaml widened, 2 sequences of
+# 64 tokens per step so that 10 steps train in ~2 minutes, a checkpoint after every step, all kept.
 RUN_OVERRIDES = [
     "model.hidden_size=512", "model.num_layers=8", "model.num_heads=8", "model.num_kv_heads=4",
     "model.head_dim=64", "model.moe_intermediate_size=512", "model.num_experts=16",
@@ -210,8 +210,9 @@ def ensure_run() -> Path:
     shutil.rmtree(run, ignore_errors=True)
     print(f"training {run.relative_to(REPO)} ({STEPS} steps, a checkpoint every step)", flush=True)
     t0 = time.time()
-    proc = subprocess.run(["bash", str(REPO / "launch" / "train.sh"), "recipes/moe_tiny.yaml",
-                           *RUN_OVERRIDES, f"output_dir={OUT / 'runs'}"], cwd=REPO, env=env(),
+    proc = subprocess.run(["bash", str(REPO / "launch" / "train.sh"),
+                           "tests/recipes/moe_tiny.yaml", *RUN_OVERRIDES,
+                           f"output_dir={OUT / 'runs'}"], cwd=REPO, env=env(),
                           capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"error: training failed:\n{proc.stderr[-3000:]}")

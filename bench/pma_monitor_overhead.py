@@ -1,8 +1,8 @@
 """Cost of the live PMA monitor: the tiny recipe with the monitor off and on, side by side.
 
-Both runs are the default recipe (recipes/moe_tiny.yaml, 200 steps, a checkpoint and a
-validation pass every 20 steps) started by the deepspeed launcher, alternating (off, on, off,
-on, ...). Reported per run: the launch's wall time (start-up included), the training loop's
+Both runs are the frozen tiny MoE recipe (tests/recipes/moe_tiny.yaml, 200 steps, a checkpoint
+and a validation pass every 20 steps) started by the deepspeed launcher, alternating (off, on,
+off, on, ...). Reported per run: the launch's wall time (start-up included), the training loop's
 time (first to last step, from metrics.jsonl; checkpoints, validation and the monitor
 included) and the time the monitor itself reports (sum of pma/seconds over its evaluations).
 The goal of the annealing issue: the monitor costs <= 5% of the run's wall time.
@@ -50,7 +50,8 @@ def loop_stats(run_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="recipes/moe_tiny.yaml")
+    ap.add_argument("--recipe", default="tests/recipes/moe_tiny.yaml",
+                    help="default: the frozen tiny MoE recipe the documented numbers used")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()

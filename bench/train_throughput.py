@@ -64,7 +64,8 @@ def bare_tps(stdout: str, skip: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="recipes/moe_tiny.yaml")
+    ap.add_argument("--recipe", default="tests/recipes/moe_tiny.yaml",
+                    help="default: the frozen tiny MoE recipe the documented numbers used")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--skip", type=int, default=10,
                     help="start-up steps left out (a multiple of logging.log_every, >= 1)")

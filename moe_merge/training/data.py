@@ -52,10 +52,10 @@ def list_documents(cfg: DataConfig) -> list[Document]:
     """All documents of the source, in a fixed order."""
     if cfg.source == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        files = [
-            f for f in root.rglob("*.py")
-            if not _SKIP_DIRS.intersection(f.relative_to(root).parts[:-1])
-        ]
+        files = []
+        for parent, dirs, names in os.walk(root):  # skipped directories are not entered
+            dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
+            files.extend(Path(parent, n) for n in names if n.endswith(".py"))
         return [Document(str(f.relative_to(root)), f) for f in sorted(files)]
     src = Path(cfg.source)
     if not src.exists():

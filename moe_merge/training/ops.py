@@ -10,7 +10,14 @@ Run by launch/setup_env.sh on machines without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,10 +45,95 @@ def clear_stale_lock(name: str, now: float | None = None) -> bool:
     return True
 
 
+def cpu_key(version: str = "", proc: Path = Path("/proc/cpuinfo")) -> str | None:
+    """What py-cpuinfo's answer depends on here: its version, the machine and the CPU's identity
+    and flags in /proc/cpuinfo (not its clock), hashed; None where there is no /proc/cpuinfo."""
+    try:
+        text = proc.read_text()
+    except OSError:
+        return None
+    fields = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags", "Features",
+              "CPU implementer", "CPU part", "isa")
+    lines = sorted({line.strip() for line in text.splitlines()
+                    if line.split(":", 1)[0].strip() in fields})
+    text = "\n".join([version, platform.machine(), *lines])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _valid_cpu_info(info) -> bool:
+    """The fields DeepSpeed reads are there, with their types, and the rest is JSON."""
+    try:
+        json.dumps(info)
+    except (TypeError, ValueError):
+        return False
+    return (isinstance(info, dict) and isinstance(info.get("arch"), str)
+            and isinstance(info.get("flags"), list)
+            and all(isinstance(f, str) for f in info["flags"]))
+
+
+def _read_cpu_info(path: Path) -> dict | None:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if _valid_cpu_info(info) else None
+
+
+def cache_cpu_info(cache_dir: Path | None = None) -> None:
+    """Answer py-cpuinfo's ``get_cpu_info()`` from a cache in this process, and across launches
+    from a file beside the compiled ops keyed by the CPU's identity and flags.
+
+    DeepSpeed's CPU op builders ask it for the ``-march`` and SIMD flags every time an op is
+    loaded, and each answer starts a probe process: about 1.2 s per call on 2 cores, twice for
+    FusedAdam, in every rank. The file holds py-cpuinfo's own answer for a CPU with these flags
+    (a different CPU has another key); an unreadable or malformed one is probed again.
+    """
+    try:
+        import cpuinfo
+    except ImportError:
+        return
+    if getattr(cpuinfo.get_cpu_info, "moe_merge_cached", False):
+        return
+    probe = cpuinfo.get_cpu_info
+    key = cpu_key(getattr(cpuinfo, "CPUINFO_VERSION_STRING", ""))
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR")
+                         or Path.home() / ".cache" / "torch_extensions")
+    path = cache_dir / f"cpuinfo-{key}.json" if key else None
+
+    @functools.cache
+    def get_cpu_info() -> dict:
+        info = _read_cpu_info(path) if path is not None else None
+        if info is None:
+            info = probe()
+            if path is not None and _valid_cpu_info(info):
+                _write_atomically(path, json.dumps(info))
+        return info
+
+    get_cpu_info.moe_merge_cached = True
+    cpuinfo.get_cpu_info = get_cpu_info
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A cache file appears whole or not at all; a cache that cannot be written is skipped."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
 def prebuild() -> None:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
+    cache_cpu_info()
     for op in CPU_OPS:
         builder = acc.create_op_builder(op)
         if builder is None:

@@ -24,6 +24,7 @@ from moe_merge.training.data import Batches, TokenData, prepare, validation_wind
 from moe_merge.training.distributed import dist_env, init_distributed
 from moe_merge.training.metrics import MetricsLogger, ProgressBar, Throughput, expert_load_stats
 from moe_merge.training.model import build_model, hf_config
+from moe_merge.training.ops import cache_cpu_info
 from moe_merge.training.origin import Origin
 from moe_merge.training.pma_monitor import PMAMonitor
 from moe_merge.training.recovery import Recovery
@@ -80,9 +81,9 @@ class Trainer:
                        or self.schedule.total_steps)
         self.grad_accum = cfg.grad_accum(self.world)
         self.ds_config = build_ds_config(cfg, self.world, self.run.root, on_gpu=not self.on_cpu)
+        model_config = hf_config(cfg.model, self.vocab)  # every rank: the imports in parallel
         if self.rank == 0:
-            self.run.describe(to_yaml(cfg), self.ds_config, hf_config(cfg.model, self.vocab),
-                              self.data.tokenizer_dir)
+            self.run.describe(to_yaml(cfg), self.ds_config, model_config, self.data.tokenizer_dir)
         self.dist.barrier()
         self._build_engine()
         self.metrics = MetricsLogger(self.run.metrics, self.engine, enabled=self.rank == 0)
@@ -103,6 +104,7 @@ class Trainer:
         dist_env()
         self.on_cpu = get_accelerator().device_name() == "cpu"
         if self.on_cpu:
+            cache_cpu_info()
             local_ws = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ws))
         init_distributed(self.on_cpu)
@@ -118,10 +120,9 @@ class Trainer:
     def _load_data(self) -> None:
         """Token cache (one process per node builds it, the others wait), batches, validation."""
         cfg = self.cfg
-        if self.local_rank == 0:
-            prepare(cfg.data)
+        built = prepare(cfg.data) if self.local_rank == 0 else None
         self.dist.barrier()
-        self.data: TokenData = prepare(cfg.data)
+        self.data: TokenData = built or prepare(cfg.data)
         self.vocab = cfg.model.vocab_size or self.data.vocab_size
         self.batches = Batches(self.data.train, cfg.data.seq_len, cfg.seed)
         n_val = -(-cfg.logging.val_batches // self.world) * self.world

@@ -51,6 +51,12 @@ def warm_up() -> None:
     import moe_merge.evals.loss  # noqa: F401
     import moe_merge.merge.merger  # noqa: F401
     import moe_merge.training.trainer  # noqa: F401
+    from moe_merge.training.ops import cache_cpu_info
+
+    cache_cpu_info()  # FusedAdam asks py-cpuinfo at every load: answered once, for all forks
+    import cpuinfo
+
+    cpuinfo.get_cpu_info()
 
     assert not {"moe_merge.train", "moe_merge.cli", "moe_merge.__main__"} & set(sys.modules)
 

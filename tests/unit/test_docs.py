@@ -35,6 +35,7 @@ OTHER = {
     "git": "version control",
     "cd": "shell builtin",
     "export": "shell builtin",
+    "source": "shell builtin (activates the virtualenv the set-up made)",
     "cp": "copies a file the user then edits (launch/hostfile from launch/hostfile.example)",
     "tail": "a filter at the end of a pipe",
     "head": "a filter at the end of a pipe",
