@@ -11,6 +11,7 @@ Run by launch/setup_env.sh on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -56,6 +57,8 @@ def cpu_key(version: str = "", proc: Path = Path("/proc/cpuinfo")) -> str | None
               "CPU implementer", "CPU part", "isa")
     lines = sorted({line.strip() for line in text.splitlines()
                     if line.split(":", 1)[0].strip() in fields})
+    if not any(line.split(":", 1)[0].strip() in ("flags", "Features", "isa") for line in lines):
+        return None  # py-cpuinfo would take the flags from elsewhere: nothing here tells CPUs apart
     text = "\n".join([version, platform.machine(), *lines])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -97,18 +100,22 @@ def cache_cpu_info(cache_dir: Path | None = None) -> None:
     probe = cpuinfo.get_cpu_info
     key = cpu_key(getattr(cpuinfo, "CPUINFO_VERSION_STRING", ""))
     if cache_dir is None:
-        cache_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR")
-                         or Path.home() / ".cache" / "torch_extensions")
+        from torch.utils.cpp_extension import get_default_build_root
+
+        cache_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     path = cache_dir / f"cpuinfo-{key}.json" if key else None
 
     @functools.cache
-    def get_cpu_info() -> dict:
+    def answer() -> dict:
         info = _read_cpu_info(path) if path is not None else None
         if info is None:
             info = probe()
             if path is not None and _valid_cpu_info(info):
                 _write_atomically(path, json.dumps(info))
         return info
+
+    def get_cpu_info() -> dict:
+        return copy.deepcopy(answer())  # each caller its own, as from a probe
 
     get_cpu_info.moe_merge_cached = True
     cpuinfo.get_cpu_info = get_cpu_info
@@ -120,6 +127,7 @@ def _write_atomically(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+        os.fchmod(fd, 0o644)  # readable by the other users of a shared cache, like the ops
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

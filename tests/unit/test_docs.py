@@ -60,10 +60,16 @@ def _repository_files() -> set[str] | None:
     tree would otherwise pass here and fail in a fresh clone.
     """
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        if Path(top).resolve() != REPO:  # unpacked inside another repository's work tree
+            return None
         out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     files = {f for f in out.stdout.decode().split("\0") if f}
+    if not files:
+        return None
     dirs = {str(parent) for f in files for parent in Path(f).parents if str(parent) != "."}
     return files | dirs
 
@@ -81,8 +87,10 @@ def in_repository(path: str) -> bool:
         return True
     if TRACKED is None:
         return bool(list(REPO.glob(path))) if "*" in path else (REPO / path).exists()
-    if "*" in path:
-        return any(fnmatch.fnmatchcase(f, path) for f in TRACKED)
+    if "*" in path:  # as Path.glob: a * stays within one directory
+        parts = path.split("/")
+        return any(len(f.split("/")) == len(parts)
+                   and all(map(fnmatch.fnmatchcase, f.split("/"), parts)) for f in TRACKED)
     return path in TRACKED
 
 
@@ -224,7 +232,7 @@ class Checker:
 
     def script(self, path: str, args: list[str]) -> None:
         """A script of the repository, and the options it is given are options it defines."""
-        assert (REPO / path).is_file(), f"{path}: no such script"
+        assert in_repository(path) and (REPO / path).is_file(), f"{path}: no such script"
         tree = ast.parse((REPO / path).read_text())
         defined = {a.value for node in ast.walk(tree) if isinstance(node, ast.Call)
                    and getattr(node.func, "attr", "") == "add_argument"
