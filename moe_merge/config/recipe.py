@@ -147,6 +147,8 @@ class CheckpointConfig:
     """Keep only the newest k checkpoints; 0 keeps all."""
     save_final: bool = True
     """Also save at the end of training."""
+    save_initial: bool = False
+    """Also save the initial weights as global_step0 (before the first step of a new run)."""
 
 
 @dataclass

@@ -22,6 +22,18 @@ STABILITY_SCALARS = ("stability/spike", "stability/loss_over_trend", "stability/
                      "stability/resume_step", "stability/steps_to_trend")
 
 
+def host_memory() -> dict[str, int]:
+    """This process's resident set now (``rss``) and at its peak so far (``peak``), in bytes,
+    from /proc/self/status; empty where there is none."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    kb = {k: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in lines)
+          if k in ("VmRSS", "VmHWM")}
+    return {"rss": kb["VmRSS"], "peak": kb["VmHWM"]} if len(kb) == 2 else {}
+
+
 def expert_load_stats(load_LE: torch.Tensor) -> dict[str, float]:
     """Statistics of per-layer expert token counts [L, E] (L layers, E experts).
 

@@ -21,9 +21,16 @@ from moe_merge.config.deepspeed import build_ds_config
 from moe_merge.config.recipe import RecipeConfig, check_world_size, to_yaml
 from moe_merge.errors import ConfigError, SpikeError
 from moe_merge.training.data import Batches, TokenData, prepare, validation_windows
-from moe_merge.training.distributed import dist_env, init_distributed
-from moe_merge.training.metrics import MetricsLogger, ProgressBar, Throughput, expert_load_stats
-from moe_merge.training.model import build_model, hf_config
+from moe_merge.training.distributed import compact_host_allocator, dist_env, init_distributed
+from moe_merge.training.init_weights import build_initialised, fill_zero3_partitions
+from moe_merge.training.metrics import (
+    MetricsLogger,
+    ProgressBar,
+    Throughput,
+    expert_load_stats,
+    host_memory,
+)
+from moe_merge.training.model import hf_config
 from moe_merge.training.ops import cache_cpu_info
 from moe_merge.training.origin import Origin
 from moe_merge.training.pma_monitor import PMAMonitor
@@ -71,6 +78,8 @@ class Trainer:
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
+        compact_host_allocator()
+        self.memory_at_start = host_memory()  # after the imports, before anything is built
         self._start_processes()
         self.run = RunDir(cfg.run_dir)
         self.origin = Origin(cfg, self.run)
@@ -95,6 +104,7 @@ class Trainer:
         self.clock = Throughput(cfg.tokens_per_step)
         self.progress = self.origin.restore(self.engine, self.metrics, self._log0,
                                             self.rank == 0)
+        self.memory_after_startup = host_memory()
 
     # ---- start-up ------------------------------------------------------------------------
     def _start_processes(self) -> None:
@@ -133,19 +143,37 @@ class Trainer:
         import deepspeed
 
         cfg = self.cfg
-        # Every rank builds the full fp32 model before DeepSpeed partitions it. Building under
-        # deepspeed.zero.Init was tried: with AutoEP the experts come out NaN, for dense models
-        # transformers' _init_weights no longer applies (see the issue notes).
-        model = build_model(cfg.model, self.vocab, cfg.seed)
-        init = self.origin.init
-        if init is not None and init.format == "hf":
-            load_hf_weights(model, init.path)
+        model = self._build_model()
         self.aux_coef = cfg.model.router_aux_loss_coef if cfg.model.is_moe else 0.0
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model), config=self.ds_config)
         self.device = self.engine.device
         self.load_counters = [m.tokens_per_expert for m in self.engine.module.modules()
                               if isinstance(getattr(m, "tokens_per_expert", None), torch.Tensor)]
+
+    def _build_model(self) -> torch.nn.Module:
+        """The model this rank hands to DeepSpeed, its weights drawn by
+        :mod:`~moe_merge.training.init_weights` (the same for every layout). Under ZeRO-3 it is
+        built inside ``deepspeed.zero.Init``: each rank only ever holds its own partitions
+        and draws only those."""
+        cfg, m = self.cfg, self.cfg.model
+        hfc = hf_config(m, self.vocab)
+        init = self.origin.init
+        if init is not None and init.format == "hf":  # every value is overwritten at once
+            model = build_initialised(hfc, cfg.seed, m.init_std)
+            load_hf_weights(model, init.path)
+            return model
+        if cfg.parallel.zero_stage == 3:
+            import deepspeed
+            from transformers import AutoModelForCausalLM
+            from transformers.initialization import no_init_weights
+
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config), no_init_weights():
+                model = AutoModelForCausalLM.from_config(hfc, dtype=torch.float32)
+                model.tie_weights()  # skipped with the initialisation
+            fill_zero3_partitions(model, cfg.seed, m.init_std)
+            return model
+        return build_initialised(hfc, cfg.seed, m.init_std)
 
     def _log0(self, msg: str) -> None:
         if self.rank == 0:
@@ -164,6 +192,8 @@ class Trainer:
         if self.origin.init is not None:  # a PMA-init run's start: its exact weights and loss
             self._validate_and_log()
             self.save(self.tally.val_loss)
+        elif cfg.checkpoint.save_initial and self.progress.step == 0:
+            self.save(None)
         self.clock.restart(self.progress.step)
         while self.progress.step < self.end:
             self.tally.pending.append(self.train_step())
@@ -250,6 +280,7 @@ class Trainer:
                    "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                    "train/tokens": step * self.cfg.tokens_per_step,
                    "perf/tokens_per_s": self.clock.tokens_per_s(step)}
+        scalars.update(self._memory_scalars())
         if self.load_counters:
             load_LE = torch.stack([c.detach().clone() for c in self.load_counters]).double()
             self.dist.all_reduce(load_LE)
@@ -260,6 +291,20 @@ class Trainer:
             self.metrics.histogram("moe/expert_load", load_LE / load_LE.sum(1, keepdim=True), step)
         self.metrics.log(step, scalars)
         bar.show(scalars)
+
+    def _memory_scalars(self) -> dict[str, float]:
+        """Host memory in MiB, the largest over the ranks: resident now, peak so far, and the
+        start-up and overall peaks above the resident set after the imports."""
+        now, start, startup = host_memory(), self.memory_at_start, self.memory_after_startup
+        if not (now and start and startup):
+            return {}
+        mib = torch.tensor([now["rss"], now["peak"], startup["peak"] - start["rss"],
+                            now["peak"] - start["rss"]], dtype=torch.float64,
+                           device=self.device) / 2**20
+        self.dist.all_reduce(mib, op=self.dist.ReduceOp.MAX)
+        return dict(zip(("mem/host_rss_mib", "mem/host_peak_mib",
+                         "mem/startup_peak_above_imports_mib", "mem/peak_above_imports_mib"),
+                        mib.tolist()))
 
     @torch.no_grad()
     def validate(self, batches: int = 0) -> float:
