@@ -145,6 +145,20 @@ def build_initialised(hf_cfg, seed: int, std: float, placeholder=None) -> nn.Mod
     return model
 
 
+def build_zero3(hf_cfg, seed: int, std: float, ds_config: dict) -> nn.Module:
+    """The model of ``hf_cfg`` built inside ``deepspeed.zero.Init``: each rank only ever holds
+    its own partitions, and draws only those (:func:`fill_zero3_partitions`)."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config), no_init_weights():
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+        model.tie_weights()  # skipped with the initialisation
+    fill_zero3_partitions(model, seed, std)
+    return model
+
+
 def fill_zero3_partitions(model: nn.Module, seed: int, std: float) -> None:
     """Draw each ZeRO-3 parameter's own partition (and, for a parameter DeepSpeed keeps whole
     on every rank, its full value) of a model built under ``deepspeed.zero.Init``."""

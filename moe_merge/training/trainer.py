@@ -22,7 +22,7 @@ from moe_merge.config.recipe import RecipeConfig, check_world_size, to_yaml
 from moe_merge.errors import ConfigError, SpikeError
 from moe_merge.training.data import Batches, TokenData, prepare, validation_windows
 from moe_merge.training.distributed import compact_host_allocator, dist_env, init_distributed
-from moe_merge.training.init_weights import build_initialised, fill_zero3_partitions
+from moe_merge.training.init_weights import build_initialised, build_zero3
 from moe_merge.training.metrics import (
     MetricsLogger,
     ProgressBar,
@@ -90,9 +90,10 @@ class Trainer:
                        or self.schedule.total_steps)
         self.grad_accum = cfg.grad_accum(self.world)
         self.ds_config = build_ds_config(cfg, self.world, self.run.root, on_gpu=not self.on_cpu)
-        model_config = hf_config(cfg.model, self.vocab)  # every rank: the imports in parallel
+        self.hf_config = hf_config(cfg.model, self.vocab)  # every rank: the imports in parallel
         if self.rank == 0:
-            self.run.describe(to_yaml(cfg), self.ds_config, model_config, self.data.tokenizer_dir)
+            self.run.describe(to_yaml(cfg), self.ds_config, self.hf_config,
+                              self.data.tokenizer_dir)
         self.dist.barrier()
         self._build_engine()
         self.metrics = MetricsLogger(self.run.metrics, self.engine, enabled=self.rank == 0)
@@ -157,23 +158,14 @@ class Trainer:
         built inside ``deepspeed.zero.Init``: each rank only ever holds its own partitions
         and draws only those."""
         cfg, m = self.cfg, self.cfg.model
-        hfc = hf_config(m, self.vocab)
         init = self.origin.init
         if init is not None and init.format == "hf":  # every value is overwritten at once
-            model = build_initialised(hfc, cfg.seed, m.init_std)
+            model = build_initialised(self.hf_config, cfg.seed, m.init_std)
             load_hf_weights(model, init.path)
             return model
         if cfg.parallel.zero_stage == 3:
-            import deepspeed
-            from transformers import AutoModelForCausalLM
-            from transformers.initialization import no_init_weights
-
-            with deepspeed.zero.Init(config_dict_or_path=self.ds_config), no_init_weights():
-                model = AutoModelForCausalLM.from_config(hfc, dtype=torch.float32)
-                model.tie_weights()  # skipped with the initialisation
-            fill_zero3_partitions(model, cfg.seed, m.init_std)
-            return model
-        return build_initialised(hfc, cfg.seed, m.init_std)
+            return build_zero3(self.hf_config, cfg.seed, m.init_std, self.ds_config)
+        return build_initialised(self.hf_config, cfg.seed, m.init_std)
 
     def _log0(self, msg: str) -> None:
         if self.rank == 0:
