@@ -23,7 +23,7 @@ MOE_ARCHS = ("qwen3_moe", "mixtral")
 DENSE_ARCHS = ("qwen3", "llama")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 SPIKE_ACTIONS = ("off", "continue", "rollback", "pma")
-
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass
@@ -62,6 +62,15 @@ class ModelConfig:
     """Share the input embedding and the LM head."""
     init_std: float = 0.02
     """Std of the normal initialisation."""
+    activation_checkpointing: bool = False
+    """Keep only each transformer block's input in the forward pass and recompute the block in
+    the backward pass (transformers' gradient checkpointing, non-reentrant): activation memory
+    falls to the layer inputs plus one block's, for about a third more compute. The losses and
+    gradients are those of a run without it."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa (torch's scaled_dot_product_attention, which picks a fused kernel
+    on GPUs), eager (plain matmul + softmax), or flash_attention_2 (needs the flash-attn package
+    and a GPU)."""
 
     @property
     def is_moe(self) -> bool:
@@ -354,6 +363,15 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
     _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
              f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
     _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0: the tokenizer's)")
+    _require(m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+             f"'{m.attn_implementation}' is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if m.attn_implementation == "flash_attention_2":
+        _require(_flash_attention_2_available(), "model.attn_implementation",
+                 "flash_attention_2 needs the flash-attn package and a CUDA GPU, and this "
+                 "machine has not both; use sdpa")
+    if m.activation_checkpointing and m.arch in MOE_ARCHS + DENSE_ARCHS:
+        _require(_supports_checkpointing(m.arch), "model.activation_checkpointing",
+                 f"transformers' {m.arch} model does not support gradient checkpointing")
     if m.is_moe:
         _require(m.num_experts > 0 and m.moe_intermediate_size > 0, "model.num_experts",
                  "MoE archs need num_experts > 0 and moe_intermediate_size > 0")
@@ -461,6 +479,22 @@ def _validate_stability(cfg: RecipeConfig) -> None:
         _require(c.keep_last == 0 or c.keep_last >= need, "checkpoint.keep_last",
                  f"{c.keep_last} is too few for stability.on_spike={st.on_spike}: keep at least "
                  f"{need} (pma_n + max_retries) or 0 (all)")
+
+
+CAUSAL_LM_CLASSES = {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                     "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def _supports_checkpointing(arch: str) -> bool:
+    import transformers
+
+    return bool(getattr(transformers, CAUSAL_LM_CLASSES[arch]).supports_gradient_checkpointing)
+
+
+def _flash_attention_2_available() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
 
 
 def check_world_size(cfg: RecipeConfig, world_size: int) -> None:

@@ -25,6 +25,7 @@ def hf_config(m: ModelConfig, vocab_size: int):
         tie_word_embeddings=m.tie_word_embeddings,
         initializer_range=m.init_std,
         use_cache=False,
+        attn_implementation=m.attn_implementation,
     )
     if m.arch == "qwen3_moe":
         return Qwen3MoeConfig(

@@ -17,6 +17,8 @@ from moe_merge.training.run_dir import Progress, RunDir
 # Recipe keys a resumed run must share with the run directory's recipe.yaml.
 RESUME_INVARIANTS = ("seed", "model", "data.source", "data.seq_len", "data.vocab_size",
                      "data.tokenizer", "data.val_fraction", "parallel.global_batch")
+# Model keys that say how the model is computed, not what it is: a resume may change them.
+MODEL_RUNTIME_KEYS = ("activation_checkpointing", "attn_implementation")
 
 
 def _lookup(d: dict, dotted: str):
@@ -35,7 +37,11 @@ def check_resume_compatible(cfg: RecipeConfig, stored_yaml: Path) -> None:
             old = _lookup(stored, key)
         except (KeyError, TypeError):
             continue
-        if old != _lookup(now, key):
+        new = _lookup(now, key)
+        if key == "model" and isinstance(old, dict):
+            old = {k: v for k, v in old.items() if k not in MODEL_RUNTIME_KEYS}
+            new = {k: v for k, v in new.items() if k not in MODEL_RUNTIME_KEYS}
+        if old != new:
             raise ConfigError(f"key '{key}': differs from the run being resumed ({stored_yaml}); "
                               "use a new name, or train.fork_from to branch")
 

@@ -145,6 +145,8 @@ class Trainer:
 
         cfg = self.cfg
         model = self._build_model()
+        if cfg.model.activation_checkpointing:  # transformers' own, non-reentrant
+            model.gradient_checkpointing_enable({"use_reentrant": False})
         self.aux_coef = cfg.model.router_aux_loss_coef if cfg.model.is_moe else 0.0
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model), config=self.ds_config)
