@@ -6,7 +6,17 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PYTHON=${PYTHON:-python3}
-want=$(cat "$ROOT/pyproject.toml" "$ROOT/launch/constraints.txt" | sha256sum | cut -d' ' -f1)
+# The pins are for this CPU build of torch; a GPU node takes the same torch version's CUDA build
+# (PyPI's default on Linux; MOE_MERGE_TORCH_INDEX=https://download.pytorch.org/whl/cu128 picks
+# another CUDA) and the same versions of everything else.
+constraints="$ROOT/launch/constraints.txt"
+gpus=$([ -x "$PY" ] || command -v nvidia-smi >/dev/null 2>&1 && gpu_count || echo 0)
+if [ "$gpus" != 0 ]; then
+  constraints=$(mktemp)
+  trap 'rm -f "$constraints"' EXIT
+  sed -E 's/^(torch==[0-9.]+)\+cpu$/\1/' "$ROOT/launch/constraints.txt" > "$constraints"
+fi
+want=$(cat "$ROOT/pyproject.toml" "$constraints" | sha256sum | cut -d' ' -f1)
 stamp="$VENV/.moe_merge_installed"
 ops_built() {
   # both CPU ops compiled, and no compile lock left (a killed compile's lock blocks every launch)
@@ -16,7 +26,7 @@ ops_built() {
 }
 prebuild_ops() {
   # GPU nodes: DeepSpeed builds the ops it needs itself. CPU: build once, before any ranks start.
-  if [ "$(gpu_count)" != 0 ] || ops_built; then return 0; fi
+  if [ "$gpus" != 0 ] || ops_built; then return 0; fi
   echo "[setup] compiling DeepSpeed CPU ops (first time only)" >&2
   DS_ACCELERATOR=cpu "$PY" -m moe_merge.training.ops 2>&1 | grep -v "^\[.*WARNING" >&2 || true
 }
@@ -29,9 +39,11 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
   exit 2
 fi
 [ -x "$PY" ] || "$PYTHON" -m venv "$VENV"
-echo "[setup] installing pinned dependencies into $VENV (torch CPU build, deepspeed, transformers)" >&2
+build=$([ "$gpus" = 0 ] && echo "CPU" || echo "CUDA")
+echo "[setup] installing pinned dependencies into $VENV (torch $build build, deepspeed, transformers)" >&2
 "$PY" -m pip install --quiet --disable-pip-version-check \
-  -c "$ROOT/launch/constraints.txt" -e "$ROOT[dev]"
+  ${MOE_MERGE_TORCH_INDEX:+--extra-index-url "$MOE_MERGE_TORCH_INDEX"} \
+  -c "$constraints" -e "$ROOT[dev]"
 echo "$want" > "$stamp"
 prebuild_ops
 echo "[setup] done" >&2

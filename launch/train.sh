@@ -10,9 +10,13 @@ if [ $# -lt 1 ]; then echo "usage: $0 RECIPE [key=value ...]" >&2; exit 2; fi
 "$ROOT/launch/setup_env.sh"
 gpus=$(gpu_count)
 if [ "$gpus" = 0 ]; then export DS_ACCELERATOR=cpu; fi
-# Resolving one key validates the whole recipe: errors exit here, before any rank starts.
-n=${NUM_RANKS:-$("$PY" -m moe_merge.train "$@" --get parallel.world_size)}
-if [ "$n" = 0 ]; then n=$([ "$gpus" = 0 ] && echo 2 || echo "$gpus"); fi
+# The recipe is validated for the ranks this node starts (batch and EP arithmetic, the memory
+# plan with parallel.device_memory): errors exit here, before any rank starts.
+if [ -n "${HOSTFILE:-}" ]; then  # the hostfile decides the world: validate the recipe alone
+  "$PY" -m moe_merge.train "$@" --get run_dir >/dev/null
+else
+  n=$("$PY" -m moe_merge.train "$@" --launch-ranks "${NUM_RANKS:-auto:$([ "$gpus" = 0 ] && echo 2 || echo "$gpus")}")
+fi
 port=${MASTER_PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 if [ -n "${HOSTFILE:-}" ]; then
   exec "$VENV/bin/deepspeed" --hostfile "$HOSTFILE" --master_port "$port" --module moe_merge.train "$@"

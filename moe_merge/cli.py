@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("recipe")
     dr.add_argument("overrides", nargs="*", help="key=value overrides")
     dr.add_argument("--world-size", type=int, default=None)
+    dr.add_argument("--device-memory", metavar="SIZE", default=None,
+                    help="memory of one rank's device (80GB, 80GiB): does the run fit, and what "
+                         "to change if not (= parallel.device_memory=SIZE)")
 
     ins = sub.add_parser("inspect", help="describe DeepSpeed checkpoints: tags, steps, layout, "
                                          "parameter counts, whether they can be merged")
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         from moe_merge.train import main as train_main
 
         extra = ["--world-size", str(args.world_size)] if args.world_size else []
+        if args.device_memory:
+            extra += ["--device-memory", args.device_memory]
         return train_main([args.recipe, *args.overrides, "--dry-run", *extra])
     if args.command is None:
         ap.print_help()

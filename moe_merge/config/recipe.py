@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -144,7 +145,11 @@ class ParallelConfig:
     global_batch: int = 16
     """Sequences per optimizer step over all ranks (= micro_batch x grad_accum x world_size)."""
     precision: str = "fp32"
-    """fp32 or bf16 (bf16 compute with fp32 master weights)."""
+    """fp32 or bf16 (bf16 compute with fp32 master weights; needs ZeRO stage 1-3)."""
+    device_memory: str = ""
+    """Memory of one rank's device (80GB, 80GiB; on CPU, the host memory per rank): --dry-run
+    says whether the run fits and what to change if not, and a launch that cannot fit at any
+    micro batch is refused before any rank starts. Empty: not checked."""
 
 
 @dataclass
@@ -347,6 +352,19 @@ def _require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"key '{key}': {msg}")
 
 
+def parse_size(text: str, key: str) -> int:
+    """``80GB`` (10^9 bytes), ``80GiB`` (2^30), ``512MiB``, ``1.5TB``, or a plain byte count."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([KMGT]i?B|B)?\s*", str(text), re.I)
+    if not m:
+        raise ConfigError(f"key '{key}': '{text}' is not a size such as 80GB or 80GiB")
+    unit = (m.group(2) or "B").upper()
+    scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** "BKMGT".index(unit[0])
+    value = float(m.group(1)) * scale
+    if value <= 0:
+        raise ConfigError(f"key '{key}': '{text}' must be more than 0 bytes")
+    return int(value)
+
+
 def _integral(value: float, key: str) -> None:
     _require(value >= 0 and math.isfinite(value) and float(value).is_integer(), key,
              f"must be a non-negative whole number of tokens, got {value}")
@@ -411,6 +429,11 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
              "schedule.warmup_tokens", "warmup + decay exceed train.max_tokens")
     _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
     _require(p.precision in ("fp32", "bf16"), "parallel.precision", "must be fp32 or bf16")
+    _require(not (p.precision == "bf16" and p.zero_stage == 0), "parallel.precision",
+             "bf16 needs parallel.zero_stage 1, 2 or 3 (without ZeRO DeepSpeed keeps no fp32 "
+             "master weights for bf16)")
+    if p.device_memory:
+        parse_size(p.device_memory, "parallel.device_memory")
     _require(p.micro_batch > 0 and p.global_batch > 0, "parallel.micro_batch", "must be positive")
     _require(p.ep_size >= 1, "parallel.ep_size", "must be >= 1")
     _require(p.world_size >= 0, "parallel.world_size", "must be >= 0")

@@ -56,7 +56,7 @@ def eval_windows(cfg: RecipeConfig, data_source: str | None = None,
         validation_windows,
     )
 
-    world = cfg.parallel.world_size
+    world = cfg.parallel.world_size or 1  # a run's recipe.yaml has the launched world size
     n_windows = -(-cfg.logging.val_batches // world) * world * cfg.parallel.micro_batch
     if data_source is None:
         return validation_windows(prepare(cfg.data).val, cfg.data.seq_len, n_windows)

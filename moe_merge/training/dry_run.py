@@ -24,6 +24,7 @@ def dry_run(cfg: RecipeConfig, world_size: int) -> None:
     print(json.dumps(ds, indent=2))
     print("\n# model")
     print(f"arch {cfg.model.arch}: {counts.describe()}")
+    memory_section(cfg, world_size, ds)
     print("\n# plan")
     print(f"run dir           {cfg.run_dir}")
     print(f"tokens per step   {cfg.tokens_per_step:,} ({cfg.parallel.global_batch} seqs x "
@@ -49,3 +50,36 @@ def dry_run(cfg: RecipeConfig, world_size: int) -> None:
               f"{f' or grad norm > {st.grad_norm_factor:g} x trend' if st.grad_norm_factor else ''}"
               f" or non-finite: {what}"
               f"{f', up to {st.max_retries} retries' if st.on_spike != 'continue' else ''}")
+
+
+def memory_section(cfg: RecipeConfig, world_size: int, ds: dict) -> None:
+    """Per-rank bytes of the model states, buffers and activations (with and without
+    activation checkpointing); with parallel.device_memory, whether it fits and what to change."""
+    import dataclasses
+
+    from moe_merge.training import memory_plan as mp
+
+    lay = mp.Layout.of(cfg, world_size, ds)
+    s = mp.model_shapes(cfg, mp.lay_threshold(ds))
+    mem = mp.plan(s, lay)
+    other = mp.plan(s, dataclasses.replace(lay, checkpointing=not lay.checkpointing))
+    print(f"\n# memory per rank (estimate): {world_size} ranks, ZeRO-{lay.zero_stage}, "
+          f"EP {lay.ep_size}, {lay.precision}, micro batch {lay.micro_batch} x {lay.seq_len} "
+          f"tokens, activation checkpointing {'on' if lay.checkpointing else 'off'}")
+    for line in mp.describe(mem):
+        print(line)
+    print(f"(activation checkpointing {'off' if lay.checkpointing else 'on'}: activations "
+          f"{mp.gib(other.activations).strip()}, peak {mp.gib(other.peak).strip()})")
+    verdict = mp.check(cfg, world_size, ds)
+    if verdict is None:
+        return
+    if verdict.fits:
+        room = mp.gib(verdict.usable).strip()
+        print(f"device memory     {cfg.parallel.device_memory}: fits ({room} usable after "
+              f"{mp.HEADROOM_FRACTION:.0%} + {mp.HEADROOM_FIXED / mp.GiB:g} GiB headroom)")
+        return
+    print(f"device memory     {cfg.parallel.device_memory}: does NOT fit "
+          f"({mp.gib(verdict.usable).strip()} usable, {mp.gib(mem.peak).strip()} needed); "
+          "it fits with:")
+    for change, m in verdict.options:
+        print(f"  {change}   (peak {mp.gib(m.peak).strip()})")

@@ -117,12 +117,14 @@ def meta_buffers(model: nn.Module) -> Iterator[nn.Module]:
             yield module
 
 
-def build_initialised(hf_cfg, seed: int, std: float, placeholder=None) -> nn.Module:
+def build_initialised(hf_cfg, seed: int, std: float,
+                      local_experts: tuple[int, int] | None = None) -> nn.Module:
     """The transformers model of ``hf_cfg`` with every parameter drawn by :func:`values`,
     built without ever holding another copy: parameters are created on the meta device and
-    then materialised one at a time. ``placeholder(name)`` true: that parameter is a
-    one-element zero tensor broadcast to its shape (DeepSpeed's AutoEP copies out only the
-    rank's own experts; :func:`fill_autoep_experts` draws them afterwards)."""
+    then materialised one at a time. ``local_experts=(a, b)``: of each routed-expert tensor
+    ([num_experts, ...]) only experts a..b-1 are drawn, the rest is left unwritten (pages never
+    touched take no memory): under expert parallelism DeepSpeed's AutoEP copies out the rank's
+    own experts and drops the tensor before anything reads the others."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -131,9 +133,14 @@ def build_initialised(hf_cfg, seed: int, std: float, placeholder=None) -> nn.Mod
     model.tie_weights()  # skipped with the initialisation: tied weights are one parameter
     rules = init_rules(model, std)
     aliases = tied_names(model)
+    experts = getattr(hf_cfg, "num_experts", None) or getattr(hf_cfg, "num_local_experts", 0)
     for name, p in list(model.named_parameters()):
-        if placeholder is not None and placeholder(name):
-            data = torch.zeros((), dtype=torch.float32).expand(p.shape)
+        if local_experts is not None and ".mlp.experts." in name and p.shape[0] == experts:
+            a, b = local_experts
+            row = p[0].numel()
+            data = torch.empty(p.shape, dtype=torch.float32)
+            data.view(-1)[a * row:b * row] = values(seed, name, p.shape, rules[name],
+                                                    a * row, b * row)
         else:
             data = full_value(seed, name, p.shape, rules[name])
         set_parameter(model, aliases[id(p)], nn.Parameter(data, requires_grad=p.requires_grad))

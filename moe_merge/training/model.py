@@ -48,6 +48,17 @@ def hf_config(m: ModelConfig, vocab_size: int):
     raise ValueError(f"unknown arch {m.arch!r}")
 
 
+def import_model_code(arch: str) -> None:
+    """Import what building and training ``arch`` under DeepSpeed imports, so that a resident
+    set measured afterwards is the baseline the model's own memory adds to."""
+    import importlib
+
+    for name in ("deepspeed.runtime.engine", "deepspeed.runtime.zero.stage_1_and_2",
+                 "deepspeed.runtime.zero.stage3", "deepspeed.module_inject.auto_ep",
+                 "transformers", f"transformers.models.{arch}.modeling_{arch}"):
+        importlib.import_module(name)
+
+
 def build_model(m: ModelConfig, vocab_size: int, seed: int, device: str | torch.device = "cpu"):
     """A freshly initialised causal LM; ``device='meta'`` allocates nothing (for counting)."""
     from transformers import AutoModelForCausalLM

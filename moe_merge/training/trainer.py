@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from moe_merge.config.recipe import RecipeConfig, check_world_size, to_yaml
 from moe_merge.errors import ConfigError, SpikeError
 from moe_merge.training.data import Batches, TokenData, prepare, validation_windows
 from moe_merge.training.distributed import compact_host_allocator, dist_env, init_distributed
+from moe_merge.training.ds_workarounds import share_zero3_fp32_masters
 from moe_merge.training.init_weights import build_initialised, build_zero3
 from moe_merge.training.metrics import (
     MetricsLogger,
@@ -30,7 +31,7 @@ from moe_merge.training.metrics import (
     expert_load_stats,
     host_memory,
 )
-from moe_merge.training.model import hf_config
+from moe_merge.training.model import hf_config, import_model_code
 from moe_merge.training.ops import cache_cpu_info
 from moe_merge.training.origin import Origin
 from moe_merge.training.pma_monitor import PMAMonitor
@@ -79,6 +80,7 @@ class Trainer:
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
         compact_host_allocator()
+        import_model_code(cfg.model.arch)
         self.memory_at_start = host_memory()  # after the imports, before anything is built
         self._start_processes()
         self.run = RunDir(cfg.run_dir)
@@ -91,8 +93,10 @@ class Trainer:
         self.grad_accum = cfg.grad_accum(self.world)
         self.ds_config = build_ds_config(cfg, self.world, self.run.root, on_gpu=not self.on_cpu)
         self.hf_config = hf_config(cfg.model, self.vocab)  # every rank: the imports in parallel
-        if self.rank == 0:
-            self.run.describe(to_yaml(cfg), self.ds_config, self.hf_config,
+        self._check_memory()
+        if self.rank == 0:  # the stored recipe says how many ranks ran (evaluations need it)
+            ran = replace(cfg, parallel=replace(cfg.parallel, world_size=self.world))
+            self.run.describe(to_yaml(ran), self.ds_config, self.hf_config,
                               self.data.tokenizer_dir)
         self.dist.barrier()
         self._build_engine()
@@ -128,6 +132,18 @@ class Trainer:
             get_accelerator().set_device(self.local_rank)
         self.device = torch.device(get_accelerator().device_name(self.local_rank))
 
+    def _check_memory(self) -> None:
+        """parallel.device_memory against the memory plan at this world size: refused (one
+        line, every rank) if it cannot fit, a warning with the changes that fit if it does not."""
+        from moe_merge.training.memory_plan import check, gib
+
+        verdict = check(self.cfg, self.world, self.ds_config)
+        if verdict is not None and not verdict.fits:
+            options = "; ".join(f"{c} (peak {gib(m.peak).strip()})" for c, m in verdict.options)
+            self._log0(f"warning: the memory plan does not fit parallel.device_memory="
+                       f"{self.cfg.parallel.device_memory} ({gib(verdict.usable).strip()} usable); "
+                       f"it fits with: {options}")
+
     def _load_data(self) -> None:
         """Token cache (one process per node builds it, the others wait), batches, validation."""
         cfg = self.cfg
@@ -151,6 +167,9 @@ class Trainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model), config=self.ds_config)
         self.device = self.engine.device
+        if cfg.parallel.zero_stage == 3 and cfg.parallel.precision == "fp32":
+            share_zero3_fp32_masters(self.optimizer)
+        self._check_expert_placement()
         self.load_counters = [m.tokens_per_expert for m in self.engine.module.modules()
                               if isinstance(getattr(m, "tokens_per_expert", None), torch.Tensor)]
 
@@ -167,7 +186,29 @@ class Trainer:
             return model
         if cfg.parallel.zero_stage == 3:
             return build_zero3(self.hf_config, cfg.seed, m.init_std, self.ds_config)
-        return build_initialised(self.hf_config, cfg.seed, m.init_std)
+        return build_initialised(self.hf_config, cfg.seed, m.init_std, self._local_experts())
+
+    def _local_experts(self) -> tuple[int, int] | None:
+        """The experts AutoEP gives this rank (ZeRO-1/2, EP > 1): DeepSpeed's expert-parallel
+        groups are runs of ep_size consecutive ranks, each holding a contiguous block of experts
+        (checked after the engine is built: :meth:`_check_expert_placement`)."""
+        m, ep = self.cfg.model, self.cfg.parallel.ep_size
+        if not m.is_moe or ep == 1:
+            return None
+        per_rank = m.num_experts // ep
+        ep_rank = self.rank % ep
+        return ep_rank * per_rank, (ep_rank + 1) * per_rank
+
+    def _check_expert_placement(self) -> None:
+        local = self._local_experts()
+        if local is None or self.cfg.parallel.zero_stage == 3:
+            return
+        for name, module in self.engine.module.named_modules():
+            ep_rank, n = getattr(module, "ep_rank", None), getattr(module, "num_local_experts", 0)
+            if ep_rank is not None and n and (ep_rank * n, (ep_rank + 1) * n) != local:
+                raise RuntimeError(f"{name}: AutoEP placed experts {ep_rank * n}.."
+                                   f"{(ep_rank + 1) * n - 1} on rank {self.rank}, but "
+                                   f"{local[0]}..{local[1] - 1} were drawn")
 
     def _log0(self, msg: str) -> None:
         if self.rank == 0:
