@@ -13,6 +13,7 @@ import pytest
 from support.runs import MOE_RECIPE, launch, read_metrics
 
 from moe_merge.config.recipe import load_recipe
+from moe_merge.training.data import prepare
 from moe_merge.training.model import count_params
 
 RANKS = 8
@@ -47,6 +48,8 @@ def test_rank_memory_is_a_fraction_of_the_model(tmp_path, data_cache, model):
                                   "steps_per_print": 10**9}))
     overrides = [*COMMON, *MODELS[model], f"parallel.ds_config={engine}"]
     cfg = load_recipe(MOE_RECIPE, overrides)
+    prepare(load_recipe(MOE_RECIPE, [*overrides, f"data.cache_dir={data_cache}"]).data)
+    # ^ the tokenizer and token cache are built here, not inside rank 0 (a one-time cost)
     fp32_mib = count_params(cfg.model, cfg.data.vocab_size).total * 4 / 2**20
     launch(MOE_RECIPE, [*overrides, f"output_dir={tmp_path}", "name=r",
                         f"data.cache_dir={data_cache}"], timeout=900, launcher=True)
