@@ -305,7 +305,7 @@ def test_fp32_masters_are_float32_and_module_weights_floating_point(copies, caps
                 "float32")
     tag = copies("moe_z3")
     edit(tag / OPTIM1, ["optimizer_state_dict", "fp32_flat_groups"],
-         lambda v: [v[0], v[1].view(torch.int32), *v[2:]])
+         lambda v: [v[0], v[1].clone().view(torch.int32), *v[2:]])
     refused(capsys, tag, OPTIM1, "fp32_flat_groups.1", "int32")
     tag = copies("llama_z0")  # ZeRO-0: the module weights are the values merged
     edit(tag / MODEL, ["module", EMBED], lambda t: t.view(torch.int32))
