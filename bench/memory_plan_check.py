@@ -96,7 +96,8 @@ def predict(overrides: list[str], ranks: int):
 
     cfg = load_recipe(RECIPE, [*COMMON, *overrides, f"parallel.global_batch={ranks}"])
     ds = build_ds_config(cfg, ranks)
-    return mp.plan(mp.model_shapes(cfg, mp.lay_threshold(ds)), mp.Layout.of(cfg, ranks, ds))
+    lay = mp.Layout.of(cfg, ranks, ds)
+    return mp.plan(mp.model_shapes(cfg, lay.persistence_threshold), lay)
 
 
 def main() -> int:

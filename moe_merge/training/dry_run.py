@@ -60,7 +60,7 @@ def memory_section(cfg: RecipeConfig, world_size: int, ds: dict) -> None:
     from moe_merge.training import memory_plan as mp
 
     lay = mp.Layout.of(cfg, world_size, ds)
-    s = mp.model_shapes(cfg, mp.lay_threshold(ds))
+    s = mp.model_shapes(cfg, lay.persistence_threshold)
     mem = mp.plan(s, lay)
     other = mp.plan(s, dataclasses.replace(lay, checkpointing=not lay.checkpointing))
     print(f"\n# memory per rank (estimate): {world_size} ranks, ZeRO-{lay.zero_stage}, "
@@ -70,7 +70,7 @@ def memory_section(cfg: RecipeConfig, world_size: int, ds: dict) -> None:
         print(line)
     print(f"(activation checkpointing {'off' if lay.checkpointing else 'on'}: activations "
           f"{mp.gib(other.activations).strip()}, peak {mp.gib(other.peak).strip()})")
-    verdict = mp.check(cfg, world_size, ds)
+    verdict = mp.check(cfg, world_size, ds, s)
     if verdict is None:
         return
     if verdict.fits:

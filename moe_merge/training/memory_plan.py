@@ -118,6 +118,7 @@ class Layout:
     prefetch_bucket: float
     max_live: float
     max_reuse: float = 0.0
+    persistence_threshold: float = 0.0
     ds_config: str = ""
 
     @classmethod
@@ -131,6 +132,7 @@ class Layout:
                    prefetch_bucket=float(z["stage3_prefetch_bucket_size"]),
                    max_live=float(z["stage3_max_live_parameters"]),
                    max_reuse=float(z["stage3_max_reuse_distance"]),
+                   persistence_threshold=float(z["stage3_param_persistence_threshold"]),
                    ds_config=cfg.parallel.ds_config)
 
 
@@ -263,8 +265,7 @@ def _changes(s: Shapes, lay: Layout, global_batch: int) -> list[dict]:
                             if mb >= 1 and global_batch % (mb * lay.world) == 0]
     knobs["zero_stage"] = [z for z in (1, 2, 3) if z > lay.zero_stage]
     if s.is_moe:
-        knobs["ep_size"] = [e for e in range(lay.ep_size + 1, lay.world + 1)
-                            if s.num_experts % e == 0 and lay.world % e == 0]
+        knobs["ep_size"] = [e for e in _ep_sizes(s, lay.world) if e > lay.ep_size]
     singles = [{k: v} for k, vs in knobs.items() for v in vs]
     names = list(knobs)
     pairs = [{a: va, b: vb} for i, a in enumerate(names) for b in names[i + 1:]
@@ -273,15 +274,16 @@ def _changes(s: Shapes, lay: Layout, global_batch: int) -> list[dict]:
     return singles + pairs + everything  # within a size: larger micro batches, lower stages
 
 
-def check(cfg: RecipeConfig, world: int, ds: dict) -> Fit | None:
+def check(cfg: RecipeConfig, world: int, ds: dict, shapes: Shapes | None = None) -> Fit | None:
     """``parallel.device_memory`` against the plan (None when it is not set). A recipe that
     fits with no change of micro batch, ZeRO stage, EP or checkpointing is refused: ConfigError
-    naming the key; one that needs a change is returned for the caller to report."""
+    naming the key; one that needs a change is returned for the caller to report. ``shapes``:
+    the model's, when the caller has them already."""
     if not cfg.parallel.device_memory:
         return None
     device = parse_size(cfg.parallel.device_memory, "parallel.device_memory")
     lay = Layout.of(cfg, world, ds)
-    s = model_shapes(cfg, lay_threshold(ds))
+    s = shapes or model_shapes(cfg, lay.persistence_threshold)
     verdict = fit(s, lay, device, cfg.parallel.global_batch)
     least = smallest(s, lay)
     if not verdict.fits and least.peak > verdict.usable:
@@ -295,14 +297,14 @@ def check(cfg: RecipeConfig, world: int, ds: dict) -> Fit | None:
     return verdict
 
 
-def lay_threshold(ds: dict) -> float:
-    return float({**DS_DEFAULTS, **ds.get("zero_optimization", {})}
-                 ["stage3_param_persistence_threshold"])
+def _ep_sizes(s: Shapes, world: int) -> list[int]:
+    """Expert-parallel sizes that divide both the expert count and the world size."""
+    return [e for e in range(1, world + 1) if s.num_experts % e == 0 and world % e == 0] \
+        if s.is_moe else [1]
 
 
 def _max_ep(s: Shapes, world: int) -> int:
-    return max([e for e in range(1, world + 1) if s.num_experts % e == 0 and world % e == 0]
-               if s.is_moe else [1])
+    return _ep_sizes(s, world)[-1]
 
 
 def smallest(s: Shapes, lay: Layout) -> RankMemory:

@@ -22,7 +22,8 @@ def shapes_and_layout(recipe: str, overrides=(), world: int | None = None):
     cfg = load_recipe(recipe, list(overrides))
     world = world or cfg.parallel.world_size or 2
     ds = build_ds_config(cfg, world)
-    return mp.model_shapes(cfg, mp.lay_threshold(ds)), mp.Layout.of(cfg, world, ds)
+    lay = mp.Layout.of(cfg, world, ds)
+    return mp.model_shapes(cfg, lay.persistence_threshold), lay
 
 
 def test_sizes():
