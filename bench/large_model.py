@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -124,14 +125,13 @@ def plan(overrides: list[str]) -> dict:
     from moe_merge.config.deepspeed import build_ds_config
     from moe_merge.config.recipe import load_recipe
     from moe_merge.training import memory_plan as mp
-    from moe_merge.training.model import count_params
 
     cfg = load_recipe(REPO / RECIPE, overrides)
     ds = build_ds_config(cfg, 2)
     lay = mp.Layout.of(cfg, 2, ds)
-    mem = mp.plan(mp.model_shapes(cfg, lay.persistence_threshold), lay)
-    n = count_params(cfg.model, cfg.data.vocab_size)
-    return {"params": n.total, "expert_params": n.expert,
+    shapes = mp.model_shapes(cfg, lay.persistence_threshold)  # the plan's own count
+    mem = mp.plan(shapes, lay)
+    return {"params": shapes.dense + shapes.expert, "expert_params": shapes.expert,
             "states": mem.model_states, "peak": mem.peak, "startup": mem.startup,
             "activations": mem.activations, "buffers": mem.buffers}
 
@@ -160,7 +160,7 @@ def merge_and_load(run: Path, out: Path) -> dict:
     if load.returncode != 0:
         raise SystemExit(f"transformers load failed: {load.stderr[-2000:]}")
     n, loss, load_s = load.stdout.split()
-    if not float(loss) == float(loss):
+    if math.isnan(float(loss)):
         raise SystemExit(f"the merged model's loss is NaN: {out}")
     return {"merge_s": merge_s, "load_s": float(load_s), "loaded_params": int(n),
             "random_token_loss": float(loss),
