@@ -75,9 +75,9 @@ def cases(ranks: int) -> dict[str, list[str]]:
     return out
 
 
-def measure(overrides: list[str], ranks: int, cache: Path) -> dict:
+def measure(overrides: list[str], ranks: int, cache: Path, common: list[str] = COMMON) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [str(REPO / "launch" / "train.sh"), str(RECIPE), *COMMON, *overrides,
+        cmd = [str(REPO / "launch" / "train.sh"), str(RECIPE), *common, *overrides,
                f"parallel.global_batch={ranks}", f"output_dir={tmp}", "name=r",
                f"data.cache_dir={cache}"]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
@@ -89,12 +89,12 @@ def measure(overrides: list[str], ranks: int, cache: Path) -> dict:
     return [r for r in rows if "mem/peak_above_imports_mib" in r][-1]
 
 
-def predict(overrides: list[str], ranks: int):
+def predict(overrides: list[str], ranks: int, common: list[str] = COMMON):
     from moe_merge.config.deepspeed import build_ds_config
     from moe_merge.config.recipe import load_recipe
     from moe_merge.training import memory_plan as mp
 
-    cfg = load_recipe(RECIPE, [*COMMON, *overrides, f"parallel.global_batch={ranks}"])
+    cfg = load_recipe(RECIPE, [*common, *overrides, f"parallel.global_batch={ranks}"])
     ds = build_ds_config(cfg, ranks)
     lay = mp.Layout.of(cfg, ranks, ds)
     return mp.plan(mp.model_shapes(cfg, lay.persistence_threshold), lay)

@@ -47,16 +47,35 @@ def _resolves(module: str, names: list[str], ours: bool) -> bool:
                for n in names)
 
 
+def _top_level_names(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+    return names
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_what_a_benchmark_imports_exists(script: Path):
     """Modules resolve, and the names taken from this project's modules exist. The test
     helpers (tests/support) count only for a script that puts tests/ on its own path."""
     source = script.read_text()
     adds_tests = re.search(r"sys\.path\.insert\(.*\"tests\"", source) is not None
+    adds_bench = re.search(r"sys\.path\.insert\(.*__file__\)\.resolve\(\)\.parent\)",
+                           source) is not None
     missing = []
     for module, names in sorted(_imports(ast.parse(source)).items()):
         top = module.split(".")[0]
-        if top == "support" and not adds_tests:
+        sibling = REPO / "bench" / f"{module}.py"
+        if sibling.is_file():  # another benchmark's helpers: on the path only if it says so
+            defined = _top_level_names(ast.parse(sibling.read_text()))
+            if not adds_bench or set(names) - defined:
+                missing.append(f"{module}: {', '.join(sorted(set(names) - defined))}"
+                               if adds_bench else f"{module} (bench/ is not on the path)")
+        elif top == "support" and not adds_tests:
             missing.append(f"{module} (tests/ is not on the script's path)")
         elif not _resolves(module, names, ours=top in ("moe_merge", "support")):
             missing.append(module if not names else f"{module}: {', '.join(names)}")
