@@ -24,6 +24,10 @@ class CheckpointError(MoeMergeError, ValueError):
     """A checkpoint file or layout refused; names the file and key."""
 
 
+class IncompleteCheckpoint(CheckpointError):
+    """A checkpoint tag that misses some of its files (one still being written, or cut short)."""
+
+
 class MergeError(MoeMergeError, ValueError):
     """A merge that cannot be done as asked (selection, weights, mismatched inputs, output)."""
 

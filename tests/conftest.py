@@ -8,7 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from support.runs import RUNS, cli_in_process, forked_run_logged, launch, launch_native
+from support.runs import (
+    RUNS,
+    cli_in_process,
+    forked_run_logged,
+    launch,
+    launch_foreign,
+    launch_native,
+)
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +63,25 @@ def native_moe(tmp_path_factory):
         if zero not in done:
             done[zero] = launch_native(root / f"z{zero}", zero)
         return done[zero]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def foreign(tmp_path_factory):
+    """``foreign(trainer, zero, ep=1, pma=0)`` -> output dir of a run of
+    tests/support/other_trainers.py (``hf``: the transformers Trainer, ``accelerate``: an
+    Accelerate loop, both with DeepSpeed; 6 steps, a checkpoint every 2; ``pma=N``: with
+    PMACallback(n=N)), trained once per session. Tests must not modify it."""
+    root = tmp_path_factory.mktemp("foreign")
+    done: dict[tuple, Path] = {}
+
+    def get(trainer: str, zero: int, ep: int = 1, pma: int = 0) -> Path:
+        key = (trainer, zero, ep, pma)
+        if key not in done:
+            done[key] = launch_foreign(root / f"{trainer}_z{zero}_ep{ep}_pma{pma}", trainer,
+                                       zero, "--ep", str(ep), "--pma", str(pma))
+        return done[key]
 
     return get
 

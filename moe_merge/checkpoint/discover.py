@@ -13,14 +13,21 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from moe_merge.checkpoint.guard import latest_tag
 from moe_merge.checkpoint.safe_load import LazyTensor, read_small, real_path
-from moe_merge.errors import CheckpointError
+from moe_merge.errors import CheckpointError, IncompleteCheckpoint
 
 TAG_RE = re.compile(r"^global_step([0-9]+)$")
+# checkpoint folders: the transformers Trainer's checkpoint-N, Accelerate's checkpoint_K
+FOLDER_RE = re.compile(r"^checkpoint[-_]([0-9]+)$")
+TRAINER_STATE = "trainer_state.json"  # the transformers Trainer's, in each checkpoint folder
+WRITERS = ("moe-merge", "transformers Trainer", "Accelerate", "DeepSpeed")
 MODEL_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 MAX_STEP_DIGITS = 18  # a training step below 10**18
 MAX_STEP = 10 ** MAX_STEP_DIGITS - 1
@@ -32,6 +39,8 @@ class Tag:
     step: int
     run_dir: Path | None  # the run directory (with hf/, recipe.yaml) when there is one
     meta: dict  # the sidecar (meta.json) written by moe_merge.train, or {}
+    folder: Path | None = None  # another trainer's checkpoint folder holding the tag
+    writer: str = "DeepSpeed"  # which program wrote it: one of WRITERS
 
     @property
     def name(self) -> str:
@@ -102,8 +111,9 @@ def read_meta(tag_dir: Path) -> dict:
     return meta
 
 
-def read_tag(path: Path) -> Tag:
-    """One tag directory as a :class:`Tag`: its sidecar read and checked against its name."""
+def read_tag(path: Path, folder: Path | None = None) -> Tag:
+    """One tag directory as a :class:`Tag`: its sidecar read and checked against its name; in
+    a transformers Trainer checkpoint folder, its ``trainer_state.json`` too."""
     path = Path(path)
     real = path.resolve()
     meta = read_meta(real)
@@ -123,7 +133,42 @@ def read_tag(path: Path) -> Tag:
         raise CheckpointError(f"{f}: key 'tokens' is {show_value(tokens)}, not a token count")
     parent = path.parent
     run_dir = parent.parent if parent.name == "checkpoints" else None
-    return Tag(real, step, run_dir.resolve() if run_dir else None, meta)
+    if folder is None and _is_folder(parent):
+        folder = parent
+    writer = "DeepSpeed"
+    if meta or (run_dir is not None and (run_dir / "recipe.yaml").is_file()):
+        writer = "moe-merge"
+    elif folder is not None and os.path.lexists(folder / TRAINER_STATE):
+        writer = "transformers Trainer"
+        state = trainer_state(folder)
+        if named is not None and state.get("global_step") not in (None, named):
+            raise CheckpointError(f"{folder / TRAINER_STATE}: key 'global_step' is "
+                                  f"{show_value(state['global_step'])}, but the tag is "
+                                  f"{real.name}: refused (a renamed or mixed-up checkpoint)")
+        seen = state.get("num_input_tokens_seen")
+        if tokens is None and is_int(seen) and seen > 0:
+            tokens = seen
+            meta = {**meta, "tokens": seen}
+    elif folder is not None and (real.name == "pytorch_model"
+                                 or any(n.startswith("random_states_")
+                                        for n in _listdir(folder))):
+        writer = "Accelerate"
+    return Tag(real, step, run_dir.resolve() if run_dir else None, meta,
+               folder.resolve() if folder is not None else None, writer)
+
+
+def trainer_state(folder: Path) -> dict:
+    """A transformers Trainer's ``trainer_state.json`` (a JSON object in a small regular file
+    of ``folder``)."""
+    f = Path(folder) / TRAINER_STATE
+    try:
+        state = json.loads(read_small(f, folder))
+    except (ValueError, RecursionError) as e:
+        text = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise CheckpointError(f"{f}: not valid JSON ({text})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f}: holds {show_value(state)}, not a JSON object")
+    return state
 
 
 def _listdir(path: Path) -> list[str]:
@@ -133,16 +178,63 @@ def _listdir(path: Path) -> list[str]:
         raise CheckpointError(f"{path}: cannot list the directory ({e.strerror})") from None
 
 
-def tag_dirs(raw: str | Path) -> list[Path]:
-    """The tag directories of one CKPT argument (a run directory, its ``checkpoints/`` or one
-    tag), none of them reached through a symlink that leaves the directory named."""
+@dataclass(frozen=True)
+class Found:
+    """A tag directory found under a CKPT argument."""
+
+    path: Path
+    explicit: bool  # named by the user: the tag itself, or a checkpoint folder holding only it
+    folder: Path | None  # another trainer's checkpoint folder holding it (checkpoint-N/)
+
+
+def _child_tags(base: Path, top: Path, named: Path) -> list[Path]:
+    """The tag directories directly inside ``base``; a symlink among them that leads out of
+    ``top`` (the real path of the argument ``named``) is refused."""
+    tags = []
+    for name in _listdir(base):
+        p = base / name
+        if p.is_symlink():
+            real = Path(os.path.realpath(p))
+            if not _inside(real, top):
+                if TAG_RE.match(name) or is_tag_dir(real):
+                    raise CheckpointError(f"{p}: a symlink to {real}, outside {named}: refused "
+                                          f"(to read that checkpoint, name {real} itself)")
+                continue
+        if is_tag_dir(p):
+            tags.append(p)
+    return tags
+
+
+def _trainer_folders(base: Path, top: Path) -> list[Path]:
+    """The checkpoint folders of another trainer directly inside ``base``: directories
+    (not symlinks leading out of ``top``) named as the transformers Trainer
+    (``checkpoint-N``) or Accelerate (``checkpoint_K``) name them, or holding a
+    ``trainer_state.json``."""
+    out = []
+    for name in _listdir(base):
+        p = base / name
+        if p.is_symlink() and not _inside(Path(os.path.realpath(p)), top):
+            continue
+        if p.is_dir() and (FOLDER_RE.match(name) or os.path.lexists(p / TRAINER_STATE)):
+            out.append(p)
+    return out
+
+
+def scan(raw: str | Path) -> list[Found]:
+    """The tag directories of one CKPT argument, none of them reached through a symlink that
+    leaves the directory named. CKPT is a tag; a directory of tags (a DeepSpeed save
+    directory, a checkpoint folder of the transformers Trainer or of Accelerate); a run
+    directory whose ``checkpoints/`` holds them; or a directory of checkpoint folders (a
+    Trainer ``output_dir``, an Accelerate ``project_dir`` with its ``checkpoints/``). A
+    Trainer checkpoint folder without a DeepSpeed tag (``save_only_model``) is refused."""
     path = Path(raw)
     if not os.path.lexists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if is_tag_dir(path):
-        return [path]
+        return [Found(path, True, None)]
     no_tags = CheckpointError(f"{path}: no DeepSpeed checkpoint tags (global_stepN/ holding "
-                              "mp_rank_00_model_states.pt) found")
+                              "mp_rank_00_model_states.pt, or checkpoint folders of the "
+                              "transformers Trainer or Accelerate holding them) found")
     if not path.is_dir():
         raise no_tags
     top = Path(os.path.realpath(path))
@@ -155,43 +247,103 @@ def tag_dirs(raw: str | Path) -> list[Path]:
                                   f"read those checkpoints, name {real} itself)")
     if ckpts.is_dir():
         base = ckpts
-    tags = []
-    for name in _listdir(base):
-        p = base / name
-        if p.is_symlink():
-            real = Path(os.path.realpath(p))
-            if not _inside(real, top):
-                if TAG_RE.match(name) or is_tag_dir(real):
-                    raise CheckpointError(f"{p}: a symlink to {real}, outside {path}: refused "
-                                          f"(to read that checkpoint, name {real} itself)")
-                continue
-        if is_tag_dir(p):
-            tags.append(p)
-    if not tags:
+    tags = _child_tags(base, top, path)
+    if tags:
+        alone = base == path and len(tags) == 1
+        return [Found(t, alone, path if _is_folder(path) else None) for t in tags]
+    found = []
+    for folder in _trainer_folders(base, top):
+        inner = _child_tags(folder, top, path)
+        if not inner and os.path.lexists(folder / TRAINER_STATE):
+            raise CheckpointError(f"{folder}: a transformers Trainer checkpoint without its "
+                                  "DeepSpeed tag (global_stepN/; saved with save_only_model?): "
+                                  "nothing to merge from it")
+        found += [Found(t, False, folder) for t in inner]
+    if not found:
         raise no_tags
-    return tags
+    return found
 
 
-def find_tags(inputs: list[str | Path]) -> list[Tag]:
-    """All tags under the given paths, oldest first, each once."""
+def _is_folder(path: Path) -> bool:
+    """A checkpoint folder of another trainer: ``checkpoint-N``/``checkpoint_K`` or one with
+    a ``trainer_state.json``."""
+    return bool(FOLDER_RE.match(path.name)) or os.path.lexists(path / TRAINER_STATE)
+
+
+def tag_dirs(raw: str | Path) -> list[Path]:
+    """The tag directories of one CKPT argument (see :func:`scan`)."""
+    return [f.path for f in scan(raw)]
+
+
+def unfinished(tag_dir: Path, folder: Path | None) -> str | None:
+    """Why a tag found by listing a directory is not (yet) a whole checkpoint, or None.
+
+    DeepSpeed writes ``latest`` beside the tags after a tag's files: a tag newer than the one
+    ``latest`` names is still being written, and so is a tag in another trainer's checkpoint
+    folder that has no ``latest`` yet. A tag that misses one of its files (as its model states
+    describe them) is not whole either."""
+    latest = latest_tag(tag_dir.parent)
+    if latest is None:
+        if folder is not None:
+            return f"no {folder / 'latest'} yet: still being written"
+    elif latest != tag_dir.name:
+        step, newest = step_of_name(tag_dir.name, tag_dir), step_of_name(latest, tag_dir.parent)
+        if step is not None and newest is not None and step > newest:
+            return (f"newer than the tag {tag_dir.parent / 'latest'} names ({latest}): still "
+                    "being written")
+    from moe_merge.checkpoint.reader import DSCheckpoint
+
+    try:
+        DSCheckpoint(tag_dir, verify=False).close()
+    except IncompleteCheckpoint as e:
+        return str(e)
+    except CheckpointError:
+        return None  # refused when it is read, if it is chosen
+    return None
+
+
+def find_tags(inputs: list[str | Path], warn: Callable[[str], None] | None = None) -> list[Tag]:
+    """All tags under the given paths, oldest first, each once. A tag found by listing a
+    directory that is not whole (:func:`unfinished`) is left out with a warning; a tag named
+    itself is read as it is. Steps stored only in the model states (Accelerate's
+    ``pytorch_model`` tags) are read from there."""
+    warn = warn or (lambda s: print(s, file=sys.stderr, flush=True))
     found: dict[Path, Tag] = {}
     for raw in inputs:
-        for p in tag_dirs(raw):
-            t = read_tag(p)
+        for f in scan(raw):
+            if not f.explicit and (why := unfinished(f.path, f.folder)):
+                warn(f"warning: skipped {f.path}: {why}")
+                continue
+            t = read_tag(f.path, f.folder)
             found[t.path] = t
     if not found:
-        raise CheckpointError("no checkpoints given")
-    tags = sorted(found.values(), key=lambda t: (t.step, t.name))
+        raise CheckpointError(f"no whole checkpoints in {', '.join(map(str, inputs))}"
+                              if inputs else "no checkpoints given")
+    tags = [t if t.step >= 0 else replace(t, step=stored_step(t.path)) for t in found.values()]
+    tags.sort(key=lambda t: (t.step, t.name))
     seen: dict[int, Tag] = {}
     for t in tags:
-        if t.step >= 0 and seen.setdefault(t.step, t) is not t:
+        if seen.setdefault(t.step, t) is not t:
             raise CheckpointError(f"two checkpoints at step {t.step}: {seen[t.step].path} and "
                                   f"{t.path}")
     return tags
 
 
+def stored_step(tag_dir: Path) -> int:
+    """The step the tag's model states store (``global_steps``)."""
+    from moe_merge.checkpoint.reader import DSCheckpoint
+
+    r = DSCheckpoint(tag_dir, verify=False)
+    try:
+        return r.step
+    finally:
+        r.close()
+
+
 def hf_dir_for(tags: list[Tag], hf_config: str | Path | None) -> Path | None:
-    """The HF config directory: --hf-config, else the newest tag's run ``hf/``."""
+    """The HF config directory: --hf-config, else the newest tag's run ``hf/``, else the
+    newest checkpoint folder of another trainer holding a ``config.json`` (the transformers
+    Trainer saves one in each), else the directory above Accelerate's ``checkpoints/``."""
     if hf_config is not None:
         p = Path(hf_config)
         if not (p / "config.json").is_file():
@@ -201,4 +353,11 @@ def hf_dir_for(tags: list[Tag], hf_config: str | Path | None) -> Path | None:
         if t.run_dir is not None and (t.run_dir / "hf" / "config.json").is_file():
             real_path(t.run_dir / "hf", t.run_dir)  # a run's hf/ may not lead out of the run
             return t.run_dir / "hf"
+        if t.folder is None:
+            continue
+        above = t.folder.parent.parent if t.folder.parent.name == "checkpoints" else None
+        for d in (t.folder, above):
+            if d is not None and os.path.lexists(d / "config.json"):
+                real_path(d / "config.json", d)  # a regular entry, not a link out
+                return d
     return None

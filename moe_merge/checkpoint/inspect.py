@@ -7,9 +7,18 @@ sidecar and name, duplicate steps, matching tensors); a checkpoint that fails on
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from moe_merge.checkpoint.discover import Tag, hf_dir_for, read_tag, tag_dirs
+from moe_merge.checkpoint.discover import (
+    WRITERS,
+    Tag,
+    hf_dir_for,
+    read_tag,
+    scan,
+    stored_step,
+    unfinished,
+)
 from moe_merge.checkpoint.reader import DSCheckpoint
 from moe_merge.errors import CheckpointError
 
@@ -18,7 +27,7 @@ def inspect(path: str | Path, verify: bool = False) -> dict:
     report = {"path": str(Path(path).resolve()), "tags": [], "hf_config": None,
               "mergeable": False, "problems": []}
     try:
-        dirs = tag_dirs(path)
+        found = scan(path)
     except CheckpointError as e:
         report["problems"].append(str(e))
         return report
@@ -26,9 +35,16 @@ def inspect(path: str | Path, verify: bool = False) -> dict:
     tags: list[Tag] = []
     seen: dict[int, str] = {}
     paths: set[Path] = set()
-    for d in dirs:
+    skipped = []
+    for f in found:
+        d = f.path
         try:
-            t = read_tag(d)
+            if not f.explicit and (why := unfinished(d, f.folder)):
+                skipped.append({"tag": d.name, "path": str(d), "why": why})
+                continue
+            t = read_tag(d, f.folder)
+            if t.step < 0:
+                t = dataclasses.replace(t, step=stored_step(t.path))
         except CheckpointError as e:
             rows.append({"tag": d.name, "path": str(d), "step": -1, "tokens": None,
                          "error": str(e)})
@@ -37,7 +53,8 @@ def inspect(path: str | Path, verify: bool = False) -> dict:
         if t.path in paths:
             continue  # a symlink to a tag listed already
         paths.add(t.path)
-        row = {"tag": t.name, "path": str(t.path), "step": t.step, "tokens": t.tokens}
+        row = {"tag": t.name, "path": str(t.path), "step": t.step, "tokens": t.tokens,
+               "folder": str(t.folder) if t.folder else None, "writer": t.writer}
         try:
             c = DSCheckpoint(t.path, verify=verify)
         except CheckpointError as e:
@@ -47,7 +64,6 @@ def inspect(path: str | Path, verify: bool = False) -> dict:
             continue
         tags.append(t)
         row.update({
-            "step": t.step if t.step >= 0 else c.step,
             "zero_stage": c.zero_stage, "dp_size": c.dp_size, "ep_size": c.ep_size,
             "num_experts": c.num_experts, "autoep_preset": c.preset,
             "moe_kind": "native" if c.native_moe else ("autoep" if c.autoep_layers else None),
@@ -73,7 +89,9 @@ def inspect(path: str | Path, verify: bool = False) -> dict:
     rows.sort(key=lambda r: (r["step"], r["tag"]))
     tags.sort(key=lambda t: (t.step, t.name))
     hf = hf_dir_for(tags, None)
-    report.update({"tags": rows, "hf_config": str(hf) if hf else None,
+    writers = sorted({t.writer for t in tags}, key=WRITERS.index)
+    report.update({"tags": rows, "skipped": skipped, "written_by": writers,
+                   "hf_config": str(hf) if hf else None,
                    "mergeable": not problems, "problems": problems})
     return report
 
@@ -86,18 +104,27 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _label(row: dict) -> str:
+    """A tag as a table shows it: inside another trainer's checkpoint folder, with its name."""
+    folder = row.get("folder")
+    return f"{Path(folder).name}/{row['tag']}" if folder else row["tag"]
+
+
 def render(report: dict) -> str:
-    lines = [f"{report['path']}: {len(report['tags'])} checkpoint tag(s)"]
-    hdr = f"  {'tag':<20} {'step':>8} {'tokens':>13} {'zero':>4} {'dp':>3} {'ep':>3} {'prec':>5} " \
-          f"{'params (total / expert)':>25} {'on disk':>10}"
+    lines = [f"{report['path']}: {len(report['tags'])} checkpoint tag(s)"
+             + (f", written by {' and '.join(report['written_by'])}"
+                if report.get("written_by") else "")]
+    w = max([20, *(len(_label(r)) for r in report["tags"])])
+    hdr = (f"  {'tag':<{w}} {'step':>8} {'tokens':>13} {'zero':>4} {'dp':>3} {'ep':>3} "
+           f"{'prec':>5} {'params (total / expert)':>25} {'on disk':>10}")
     lines.append(hdr)
     for r in report["tags"]:
         if "error" in r:
-            lines.append(f"  {r['tag']:<20} unreadable: {r['error']}")
+            lines.append(f"  {_label(r):<{w}} unreadable: {r['error']}")
             continue
         p = r["params"]
         tok = f"{r['tokens']:,}" if r.get("tokens") is not None else "-"
-        lines.append(f"  {r['tag']:<20} {r['step']:>8} {tok:>13} {r['zero_stage']:>4} "
+        lines.append(f"  {_label(r):<{w}} {r['step']:>8} {tok:>13} {r['zero_stage']:>4} "
                      f"{r['dp_size']:>3} {r['ep_size']:>3} {r['precision']:>5} "
                      f"{p['total']:>14,} / {p['expert']:>9,} {_size(r['bytes_on_disk']):>10}")
     ok = [r for r in report["tags"] if "error" not in r]
@@ -111,6 +138,8 @@ def render(report: dict) -> str:
                     else f"AutoEP preset {r['autoep_preset']}")
             lines.append(f"  MoE: {r['num_experts']} experts per layer, {kind}, expert parallel "
                          f"size {r['ep_size']}")
+    for sk in report.get("skipped", []):
+        lines.append(f"  skipped {sk['path']}: {sk['why']}")
     hf = report["hf_config"] or "none (merge --format hf needs --hf-config)"
     lines.append(f"  HF config: {hf}")
     lines.append("  mergeable: yes" if report["mergeable"] else

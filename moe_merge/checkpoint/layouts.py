@@ -59,7 +59,7 @@ from moe_merge.checkpoint.specs import (
     TagFiles,
     natural,
 )
-from moe_merge.errors import CheckpointError
+from moe_merge.errors import CheckpointError, IncompleteCheckpoint
 
 OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_([0-9]+)_mp_rank_([0-9]+)_optim_states\.pt$")
 ZERO3_MODEL_RE = re.compile(r"^zero_pp_rank_([0-9]+)_mp_rank_([0-9]+)_model_states\.pt$")
@@ -240,7 +240,7 @@ def dp_size(tag: TagFiles, ms: dict) -> int:
             missing = next(r for r in range(dp) if r not in optim)
             found = sorted(optim)
             shown = f"{found[:8]}".rstrip("]") + (", ...]" if len(found) > 8 else "]")
-            raise CheckpointError(f"{tag.dir}: optimizer partition of rank {missing} missing "
+            raise IncompleteCheckpoint(f"{tag.dir}: optimizer partition of rank {missing} missing "
                                   f"(dp world size {dp}, key 'dp_world_size' of {f}; found "
                                   f"ranks {shown})")
     return dp
@@ -268,7 +268,7 @@ def specs_module(tag: TagFiles, files: Files, model: ModelInfo, stage: int, ep: 
         raise CheckpointError(f"{tag.dir}: bf16 checkpoint without optimizer partitions: no fp32 "
                               "master weights to read")
     if stage > 0:
-        raise CheckpointError(f"{tag.dir}: ZeRO-{stage} checkpoint without its "
+        raise IncompleteCheckpoint(f"{tag.dir}: ZeRO-{stage} checkpoint without its "
                               "*_optim_states.pt files")
     if ep > 1:
         raise CheckpointError(f"{tag.dir}: AutoEP with ep size {ep} and no optimizer partitions: "
@@ -400,13 +400,13 @@ def specs_zero3(tag: TagFiles, files: Files, dp: int, ep: int, experts: dict[str
     counts: dict[tuple[str, int], int] = {}  # (name, EP rank) -> partitions it is cut in
     extra = sorted(set(tag.zero3_model_files) - set(tag.optim_files))
     if extra:
-        raise CheckpointError(f"{tag.dir / tag.zero3_model_files[extra[0]]}: no optimizer "
+        raise IncompleteCheckpoint(f"{tag.dir / tag.zero3_model_files[extra[0]]}: no optimizer "
                               f"partition of rank {extra[0]} beside it")
     for rank, fname in sorted(tag.optim_files.items()):
         mfile = tag.zero3_model_files.get(rank)
         if mfile is None:
-            raise CheckpointError(f"{tag.dir}: zero_pp_rank_{rank}_mp_rank_00_model_states.pt "
-                                  "missing")
+            raise IncompleteCheckpoint(f"{tag.dir}: zero_pp_rank_{rank}_mp_rank_00_model_"
+                                       "states.pt missing")
         mstate = files[mfile]
         shapes = fields.param_shapes(tag.dir / mfile, mstate.get("param_shapes"))
         if first_shapes is None:
@@ -539,7 +539,7 @@ def module_tensors(layout: Layout, files: Files, spec: ParamSpec) -> list[LazyTe
     for g in range(e.num_experts):
         fname = tag.expert_files.get((e.layer_id, g))
         if fname is None:
-            raise CheckpointError(f"{tag.dir}: expert file layer_{e.layer_id}_expert_{g}_"
+            raise IncompleteCheckpoint(f"{tag.dir}: expert file layer_{e.layer_id}_expert_{g}_"
                                   "mp_rank_00_model_states.pt missing")
         key = f"{e.prefix}.{e.weight}.{g}"
         rows.append(fields.module_tensor(tag.dir / fname, key, files[fname].get(key),

@@ -138,7 +138,9 @@ class DSCheckpoint:
         return [self.optim_files[r] for r in sorted(self.optim_files)]
 
     def param_counts(self) -> dict[str, int]:
-        expert = sum(p.numel for p in self.params.values() if p.is_expert)
+        # experts placed by AutoEP or native MoE, or a model's own fused experts (transformers'
+        # mlp.experts.gate_up_proj / down_proj in a run without expert parallelism)
+        expert = sum(p.numel for n, p in self.params.items() if p.is_expert or ".experts." in n)
         total = sum(p.numel for p in self.params.values())
         return {"total": total, "expert": expert, "non_expert": total - expert}
 

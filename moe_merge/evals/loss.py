@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moe_merge.checkpoint.discover import find_tags, is_tag_dir
+from moe_merge.checkpoint.discover import find_tags, is_tag_dir, scan
 from moe_merge.config.recipe import RecipeConfig, load_recipe
-from moe_merge.errors import MergeError
+from moe_merge.errors import CheckpointError, MergeError
 
 
 def recipe_for(model: Path) -> Path | None:
@@ -144,6 +144,15 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _holds_tags(path: Path) -> bool:
+    """Whether ``path`` holds DeepSpeed tags (a run, a tag, another trainer's checkpoint
+    folder beside its own HF files), read in preference to any HF weights beside them."""
+    try:
+        return bool(scan(path))
+    except CheckpointError:
+        return False
+
+
 def evaluate(model_path: str | Path, recipe: str | Path | None = None,
              data: str | None = None, overrides: list[str] | None = None,
              hf_config: str | Path | None = None) -> dict:
@@ -152,10 +161,15 @@ def evaluate(model_path: str | Path, recipe: str | Path | None = None,
     if not model_path.exists():
         raise MergeError(f"{model_path}: no such file or directory")
     recipe_path = Path(recipe) if recipe else recipe_for(model_path)
-    if recipe_path is None:
+    if recipe_path is None and data is None:
         raise MergeError(f"{model_path}: cannot find the run's recipe.yaml for its validation "
-                         "batches; pass --recipe RECIPE")
-    cfg = load_recipe(recipe_path, overrides or [])
+                         "batches; pass --recipe RECIPE, or --data FILE (a run of another "
+                         "trainer)")
+    if recipe_path is None:  # --data of another trainer's run: the default windows of it
+        recipe_path = Path("(defaults)")
+        cfg = load_recipe(recipe_path, overrides or [], data={})
+    else:
+        cfg = load_recipe(recipe_path, overrides or [])
     return score(model_path, cfg, recipe_path, data=data, hf_config=hf_config)
 
 
@@ -166,7 +180,8 @@ def score(model_path: Path, cfg: RecipeConfig, recipe_path: Path, data: str | No
     with tempfile.TemporaryDirectory(prefix="moe_merge_eval_") as tmp:
         hf_dir = model_path
         label = str(model_path)
-        if not (model_path / "config.json").is_file():  # a checkpoint: take its newest tag as is
+        if _holds_tags(model_path) or not (model_path / "config.json").is_file():
+            # a checkpoint (a transformers Trainer's folder too): its newest tag as it is
             from moe_merge.merge.merger import OutputOptions, merge
             from moe_merge.merge.selection import Selection
 

@@ -61,29 +61,13 @@ CHUNK = 1 << 18
 PREFETCH_BYTES = 256 << 20  # read-ahead requested beyond the tensor being merged
 
 
-def plan(ckpts: Sequence[str | Path], selection: Selection = Selection()
-         ) -> tuple[list[Tag], list[float]]:
-    """The checkpoints ``selection`` chooses and their effective weights (nothing is read yet)."""
-    found = find_tags(list(ckpts))
-    if any(t.step < 0 for t in found):  # steps stored only in the model states (e.g. Accelerate)
-        found = sorted([t if t.step >= 0 else Tag(t.path, _stored_step(t.path), t.run_dir, t.meta)
-                        for t in found], key=lambda t: t.step)
-    by_step: dict[int, Tag] = {}
-    for t in found:
-        if t.step in by_step:
-            raise CheckpointError(f"two checkpoints at step {t.step}: {by_step[t.step].path} and "
-                                  f"{t.path}")
-        by_step[t.step] = t
-    chosen = selection.choose(list(by_step.values()))
+def plan(ckpts: Sequence[str | Path], selection: Selection = Selection(),
+         warn: Callable[[str], None] | None = None) -> tuple[list[Tag], list[float]]:
+    """The checkpoints ``selection`` chooses and their effective weights (nothing is read yet);
+    ``warn`` is told of each tag left out as not whole (see
+    :func:`~moe_merge.checkpoint.discover.find_tags`)."""
+    chosen = selection.choose(find_tags(list(ckpts), warn))
     return chosen, selection.weights_for(len(chosen))
-
-
-def _stored_step(tag_dir: Path) -> int:
-    r = DSCheckpoint(tag_dir, verify=False)
-    try:
-        return r.step
-    finally:
-        r.close()
 
 
 def input_dirs(inputs: Sequence[str | Path], tags: Sequence[Tag] = (),
@@ -101,10 +85,14 @@ def input_dirs(inputs: Sequence[str | Path], tags: Sequence[Tag] = (),
                 dirs += [(p.parent, False), (p.parent.parent, True)]
         elif (p / "checkpoints").is_dir():
             dirs += [(p, True), (p / "checkpoints", False)]
-        else:
-            dirs.append((p, False))
+        else:  # a directory of checkpoint folders (a Trainer output_dir) may hold outputs
+            folders = p.is_dir() and any(t.folder is not None and t.folder.parent == p.resolve()
+                                         for t in tags)
+            dirs.append((p, folders))
     for t in tags:
         dirs.append((t.path, False))
+        if t.folder is not None:
+            dirs.append((t.folder, False))
         if t.run_dir is not None:
             dirs += [(t.run_dir / "checkpoints", False), (t.run_dir, True)]
     if hf_dir is not None:
@@ -272,10 +260,12 @@ def _name_nonfinite(chosen: list[Tag], readers: list[DSCheckpoint], o: OutTensor
 
 
 def describe(tags: list[Tag], weights: list[float]) -> str:
-    lines = [f"{'checkpoint':<22} {'step':>8} {'tokens':>14} {'weight':>10}"]
-    for t, w in zip(tags, weights):
+    names = [f"{t.folder.name}/{t.name}" if t.folder is not None else t.name for t in tags]
+    width = max([22, *map(len, names)])
+    lines = [f"{'checkpoint':<{width}} {'step':>8} {'tokens':>14} {'weight':>10}"]
+    for t, name, w in zip(tags, names, weights):
         tok = f"{t.tokens:,}" if t.tokens is not None else "-"
-        lines.append(f"{t.name:<22} {t.step:>8} {tok:>14} {w:>10.6f}")
+        lines.append(f"{name:<{width}} {t.step:>8} {tok:>14} {w:>10.6f}")
     return "\n".join(lines)
 
 
@@ -348,7 +338,7 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, selection: Selection = S
     try:
         if rank:
             echo = lambda s: None  # noqa: E731 - rank 0 speaks for all
-        job = _resolve(ckpts, Path(out), selection, output, source)
+        job = _resolve(ckpts, Path(out), selection, output, source, echo)
         try:
             _open(job, verify, echo)
             return _write(job, rank, world, dist, verify, allow_nonfinite, progress, echo)
@@ -360,13 +350,13 @@ def merge(ckpts: Sequence[str | Path], out: str | Path, selection: Selection = S
 
 
 def _resolve(ckpts: Sequence[str | Path], out: Path, selection: Selection,
-             output: OutputOptions, source: str) -> _Job:
+             output: OutputOptions, source: str, echo: Callable[[str], None]) -> _Job:
     """Check the options and the output's place, choose the checkpoints and find the HF
     config; nothing is opened yet."""
     if source not in ("master", "module"):
         raise MergeError(f"--source: unknown source {source!r} (master or module)")
     check_target(out, output.overwrite)
-    chosen, weights = plan(ckpts, selection)
+    chosen, weights = plan(ckpts, selection, echo)
     hf_dir = hf_dir_for(chosen, output.hf_config)
     check_apart(out, input_dirs(ckpts, chosen, hf_dir))  # before anything is opened
     return _Job(out, selection, output, source, chosen, weights, hf_dir)

@@ -19,56 +19,37 @@ memory. Memory: ((N - 1) * interval + 1) host copies of the rank's module weight
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from collections.abc import Callable
 
 import torch
 
 from moe_merge.config.recipe import PMAMonitorConfig
-from moe_merge.merge.selection import Selection
-from moe_merge.merge.strategies import weighted_sum
+from moe_merge.live import LivePMA
 
 PMA_SCALARS = ("pma/val_loss", "pma/val_gap", "pma/n", "pma/first_step", "pma/seconds")
 
 
 class PMAMonitor:
+    """:class:`~moe_merge.live.LivePMA` configured by the recipe's ``pma_monitor``."""
+
     def __init__(self, module: torch.nn.Module, cfg: PMAMonitorConfig):
         self.cfg = cfg
-        # every interval-th checkpoint counted back from the newest, at most n of them
-        self.selection = Selection(cfg.strategy, cfg.alpha, every=cfg.interval, last=cfg.n)
-        self.params = list(module.parameters())
-        self.keep = (cfg.n - 1) * cfg.interval + 1
-        self.snapshots: deque[tuple[int, list[torch.Tensor]]] = deque(maxlen=self.keep)
-        self.min_n = cfg.min_n or cfg.n
+        self.live = LivePMA(module, n=cfg.n, strategy=cfg.strategy, alpha=cfg.alpha,
+                            interval=cfg.interval, min_n=cfg.min_n)
 
     def reset(self) -> None:
         """Forget the window: after a spike recovery the trajectory restarts at an older step."""
-        self.snapshots.clear()
+        self.live.reset()
 
-    @torch.no_grad()
     def snapshot(self, step: int) -> None:
         """Remember the module weights of the checkpoint just saved at ``step``."""
-        self.snapshots.append((step, [p.detach().to("cpu", copy=True) for p in self.params]))
+        self.live.update(step)
 
-    @torch.no_grad()
     def evaluate(self, validate: Callable[[], float]) -> dict[str, float] | None:
         """Merge the window into the module, ``validate()`` it, restore the latest weights.
         ``None`` while the window holds fewer than ``min_n`` checkpoints."""
-        by_step = dict(self.snapshots)
-        chosen = self.selection.choose(list(by_step), allow_fewer=True)
-        if len(chosen) < self.min_n:
+        got = self.live.evaluate(validate)
+        if got is None:
             return None
-        t0 = time.perf_counter()
-        weights = self.selection.weights_for(len(chosen))
-        snaps = [by_step[s] for s in chosen]
-        latest = self.snapshots[-1][1]
-        for i, p in enumerate(self.params):
-            p.copy_(torch.from_numpy(weighted_sum([snap[i] for snap in snaps], weights)))
-        try:
-            loss = validate()
-        finally:
-            for p, t in zip(self.params, latest):
-                p.copy_(t)
-        return {"pma/val_loss": loss, "pma/n": float(len(chosen)),
-                "pma/first_step": float(chosen[0]), "pma/seconds": time.perf_counter() - t0}
+        return {"pma/val_loss": got["pma/loss"], "pma/n": got["pma/n"],
+                "pma/first_step": got["pma/first_step"], "pma/seconds": got["pma/seconds"]}

@@ -44,7 +44,8 @@ def test_monitor_merges_its_window_and_restores_the_latest_weights(dtype):
     assert (results[30]["pma/n"], results[30]["pma/first_step"]) == (2, 10)
     assert (results[70]["pma/n"], results[70]["pma/first_step"]) == (3, 30)
     assert results[70]["pma/val_loss"] == 70.0 and np.isfinite(results[70]["pma/seconds"])
-    assert [s for s, _ in mon.snapshots] == [30, 40, 50, 60, 70]  # (n - 1) * interval + 1 kept
+    kept = [s for s, _ in mon.live.snapshots]
+    assert kept == [30, 40, 50, 60, 70]  # (n - 1) * interval + 1 kept
     for step, window in ((30, (10, 30)), (70, (30, 50, 70))):
         w = ema_weights(len(window), 0.3)
         for i, got in enumerate(merged[step]):
