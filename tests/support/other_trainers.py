@@ -114,12 +114,16 @@ def run_hf(args) -> list[float]:
 
 def run_accelerate(args) -> list[float]:
     from accelerate import Accelerator, DeepSpeedPlugin
-    from accelerate.utils import DummyOptim, ProjectConfiguration
+    from accelerate.utils import DummyOptim, InitProcessGroupKwargs, ProjectConfiguration
 
+    # On CPU Accelerate finds no backend of its own (cpu=True would turn DeepSpeed off) and
+    # would then take every rank for the only process: name the process group's backend.
+    backend = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
     acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(args, auto=False)),
                       project_config=ProjectConfiguration(project_dir=str(args.out),
-                                                          automatic_checkpoint_naming=True))
-    assert acc.distributed_type == "DEEPSPEED", acc.distributed_type
+                                                          automatic_checkpoint_naming=True),
+                      kwargs_handlers=backend)
+    assert acc.distributed_type == "DEEPSPEED" and acc.num_processes == dist.get_world_size()
     model = build_model()
     loader = torch.utils.data.DataLoader(Tokens(ROWS, 1), batch_size=2, shuffle=False)
     model, optim, loader = acc.prepare(model, DummyOptim(model.parameters(), lr=1e-3), loader)
@@ -133,7 +137,7 @@ def run_accelerate(args) -> list[float]:
             optim.step()
             optim.zero_grad()
             step += 1
-            losses.append(float(loss.detach()))
+            losses.append(float(acc.reduce(loss.detach(), "mean")))
             if acc.is_main_process:
                 print(f"step {step} loss {losses[-1]!r}", flush=True)
             if step % args.save_every == 0:
@@ -159,6 +163,17 @@ def dump(args) -> None:
     save_file(held, f"{args.dump_to}.rank{dist.get_rank()}.safetensors")
 
 
+def drop_shm_names() -> None:
+    """DeepSpeed's CPU all-reduce maps one /dev/shm segment per rank and never unlinks it: once
+    every rank has mapped them all (inside init), drop the names so that exit frees them."""
+    if torch.cuda.is_available():
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trainer", choices=["hf", "accelerate"], required=True)
@@ -176,6 +191,7 @@ def main() -> None:
     args = ap.parse_args()
     # the process group first: the Trainer's zero.Init reads the world size from it
     deepspeed.init_distributed("gloo" if not torch.cuda.is_available() else "nccl")
+    drop_shm_names()
     try:
         if args.dump_from:
             dump(args)

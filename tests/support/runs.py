@@ -59,12 +59,14 @@ def launch_native(out: Path, zero: int, *extra: str) -> Path:
 def launch_foreign(out: Path, trainer: str, zero: int, *extra: str) -> Path:
     """A run of tests/support/other_trainers.py: the transformers Trainer (``hf``) or an
     Accelerate loop (``accelerate``) with DeepSpeed on 2 CPU ranks, writing their layouts."""
+    before = _shm_segments()
     proc = run_cli([str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
                     str(_free_port()), str(Path(__file__).with_name("other_trainers.py")),
                     "--trainer", trainer, "--zero", str(zero), "--out", str(out), *extra])
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise AssertionError(f"{trainer} launch failed ({proc.returncode}):\n{tail}")
+    assert not _shm_segments() - before, "launch left shared memory behind"
     return out
 
 
