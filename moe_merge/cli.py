@@ -7,7 +7,7 @@ import json
 import sys
 
 from moe_merge import __version__
-from moe_merge.errors import MoeMergeError
+from moe_merge.errors import MergeError, MoeMergeError
 
 
 def _inspect(args) -> int:
@@ -99,6 +99,8 @@ def _analyze(args) -> int:
 def _eval(args) -> int:
     from moe_merge.evals.loss import evaluate
 
+    if args.tasks:
+        return _downstream(args)
     result = evaluate(args.model, recipe=args.recipe, data=args.data, overrides=args.overrides,
                       hf_config=args.hf_config)
     if args.json:
@@ -106,6 +108,54 @@ def _eval(args) -> int:
     else:
         print(f"{result['model']}: validation loss {result['loss']:.4f}  perplexity "
               f"{result['ppl']:.2f}  ({result['tokens']:,} tokens, {result['data']})")
+    return 0
+
+
+def _downstream(args) -> int:
+    from pathlib import Path
+
+    from moe_merge.evals.downstream import TaskOptions, check_tasks, render, run_tasks
+    from moe_merge.evals.loss import as_hf_dir
+    from moe_merge.merge.writer import atomic_file
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    options = TaskOptions(limit=args.limit, batch_size=args.batch_size,
+                          include_path=args.include_path, num_fewshot=args.num_fewshot)
+    check_tasks(tasks, options)  # before any model is read
+    model = Path(args.model)
+    if not model.exists():
+        raise MergeError(f"{model}: no such file or directory")
+    results = Path(args.results or f"lm_eval_{model.resolve().name}.json")
+    with as_hf_dir(model, args.hf_config) as (hf_dir, label):
+        out = run_tasks(hf_dir, tasks, options)
+    out = {"model": label, "tasks": tasks, "limit": args.limit, **out}
+    with atomic_file(results) as f:
+        f.write(json.dumps(out, indent=2).encode())
+    print(json.dumps(out["scores"], indent=2) if args.json else render(label, out["scores"]))
+    print(f"results: {results}", file=sys.stderr)
+    return 0
+
+
+def _watch(args) -> int:
+    from moe_merge.evals.downstream import TaskOptions, check_tasks
+    from moe_merge.evals.watch import Watcher
+    from moe_merge.merge.selection import Selection
+
+    if args.tags:
+        raise MergeError("watch: --tags names fixed checkpoints; use --last / --every")
+    last = args.last or (len(args.weights) if args.weights else 3)
+    selection = Selection(args.strategy, args.alpha, args.weights, last, args.every)
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    options = TaskOptions(limit=args.limit, batch_size=args.batch_size,
+                          include_path=args.include_path)
+    if tasks:
+        check_tasks(tasks, options)
+    w = Watcher(args.run, args.out, selection, recipe=args.recipe, data=args.data,
+                overrides=args.overrides, hf_config=args.hf_config, latest=not args.no_latest,
+                tasks=tasks, task_options=options, poll=args.poll, idle_exit=args.idle_exit,
+                echo=lambda s: print(s, file=sys.stderr, flush=True))
+    n = w.watch()
+    print(f"watch: {n} merge(s) scored this time; {args.out}/watch.jsonl")
     return 0
 
 
@@ -122,6 +172,15 @@ def _compare(args) -> int:
     if result["png"]:
         print(f"plot: {result['png']}")
     return 0
+
+
+def _task_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval-harness tasks scored on the model (downstream "
+                        "benchmarks, e.g. hellaswag,arc_easy)")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (lm-eval --limit)")
+    p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (1)")
+    p.add_argument("--include-path", default=None, help="a directory of local task YAMLs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +305,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--hf-config", default=None, help="HF config directory for a checkpoint "
                                                       "without hf/")
     ev.add_argument("--json", action="store_true")
+    _task_arguments(ev)
+    ev.add_argument("--num-fewshot", type=int, default=None, help="lm-eval's --num_fewshot")
+    ev.add_argument("--results", default=None,
+                    help="with --tasks: where the results JSON goes (default "
+                         "./lm_eval_<model>.json)")
+
+    wt = sub.add_parser("watch", help="follow a run (ours, a transformers Trainer's or "
+                                      "Accelerate's) from beside it: merge the latest "
+                                      "checkpoints each time one lands and score the merge")
+    wt.add_argument("run", help="the run directory (a Trainer output_dir, an Accelerate project)")
+    wt.add_argument("overrides", nargs="*", help="key=value recipe overrides for the scoring")
+    wt.add_argument("--out", required=True,
+                    help="where watch.jsonl and tb/ go (kept between restarts)")
+    selection.add_arguments(wt)
+    wt.add_argument("--recipe", default=None,
+                    help="recipe giving the validation batches (default: the run's recipe.yaml)")
+    wt.add_argument("--data", default=None, help="score on this data instead (as eval --data)")
+    wt.add_argument("--hf-config", default=None, help="HF config directory when the run has none")
+    wt.add_argument("--no-latest", action="store_true",
+                    help="do not also score the newest checkpoint alone (no gap)")
+    _task_arguments(wt)
+    wt.add_argument("--poll", type=float, default=30.0, help="seconds between looks (30)")
+    wt.add_argument("--idle-exit", type=float, default=None,
+                    help="stop after this many seconds without a new checkpoint")
 
     cp = sub.add_parser("compare", help="a merged model against its run: latest checkpoint and "
                                         "merged validation loss, the gain, and a plot of every "
@@ -283,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return 0
     handlers = {"inspect": _inspect, "merge": _merge, "eval": _eval, "study": _study,
-                "analyze": _analyze, "compare": _compare}
+                "analyze": _analyze, "compare": _compare, "watch": _watch}
     try:
         return handlers[args.command](args)
     except MoeMergeError as e:  # bad input or a failed step: one line, exit 2

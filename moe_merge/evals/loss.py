@@ -8,6 +8,7 @@ that step and merged models are compared on exactly the same tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -144,6 +145,34 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+DEFAULTS = Path("(defaults)")  # the recipe of a run that has none: the schema's defaults
+
+
+def default_recipe(overrides: list[str]) -> RecipeConfig:
+    """The recipe for scoring ``--data`` of another trainer's run: the schema's defaults
+    (seq_len 256, 8 validation batches of 8) with the overrides given."""
+    return load_recipe(DEFAULTS, overrides, data={"name": "eval"})
+
+
+@contextlib.contextmanager
+def as_hf_dir(model_path: Path, hf_config: str | Path | None = None):
+    """``(HF directory, label)`` of ``model_path``: itself when it is an HF directory, else the
+    newest checkpoint under it (a run, a tag, a transformers Trainer's folder) gathered into a
+    temporary one, deleted on leaving."""
+    model_path = Path(model_path)
+    if not (_holds_tags(model_path) or not (model_path / "config.json").is_file()):
+        yield model_path, str(model_path)
+        return
+    from moe_merge.merge.merger import OutputOptions, merge
+    from moe_merge.merge.selection import Selection
+
+    with tempfile.TemporaryDirectory(prefix="moe_merge_eval_") as tmp:
+        tag = find_tags([model_path])[-1]
+        merge([tag.path], Path(tmp) / "model", Selection(last=1),
+              OutputOptions(hf_config=hf_config), progress=False, echo=lambda s: None)
+        yield Path(tmp) / "model", str(tag.path)
+
+
 def _holds_tags(path: Path) -> bool:
     """Whether ``path`` holds DeepSpeed tags (a run, a tag, another trainer's checkpoint
     folder beside its own HF files), read in preference to any HF weights beside them."""
@@ -166,8 +195,7 @@ def evaluate(model_path: str | Path, recipe: str | Path | None = None,
                          "batches; pass --recipe RECIPE, or --data FILE (a run of another "
                          "trainer)")
     if recipe_path is None:  # --data of another trainer's run: the default windows of it
-        recipe_path = Path("(defaults)")
-        cfg = load_recipe(recipe_path, overrides or [], data={})
+        recipe_path, cfg = DEFAULTS, default_recipe(overrides or [])
     else:
         cfg = load_recipe(recipe_path, overrides or [])
     return score(model_path, cfg, recipe_path, data=data, hf_config=hf_config)
@@ -177,19 +205,7 @@ def score(model_path: Path, cfg: RecipeConfig, recipe_path: Path, data: str | No
           hf_config: str | Path | None = None, windows=None) -> dict:
     """:func:`evaluate` with the recipe loaded; ``windows``: the validation windows, when the
     caller scores several models on the same ones (built here otherwise)."""
-    with tempfile.TemporaryDirectory(prefix="moe_merge_eval_") as tmp:
-        hf_dir = model_path
-        label = str(model_path)
-        if _holds_tags(model_path) or not (model_path / "config.json").is_file():
-            # a checkpoint (a transformers Trainer's folder too): its newest tag as it is
-            from moe_merge.merge.merger import OutputOptions, merge
-            from moe_merge.merge.selection import Selection
-
-            tag = find_tags([model_path])[-1]
-            label = str(tag.path)
-            merge([tag.path], Path(tmp) / "model", Selection(last=1),
-                  OutputOptions(hf_config=hf_config), progress=False, echo=lambda s: None)
-            hf_dir = Path(tmp) / "model"
+    with as_hf_dir(model_path, hf_config) as (hf_dir, label):
         if windows is None:
             windows = eval_windows(cfg, data, hf_dir if data else None)
         model = load_hf(hf_dir)

@@ -191,6 +191,23 @@ def atomic_dir(target: Path, overwrite: bool = False) -> Iterator[Path]:
             signal.signal(signal.SIGTERM, old_handler)
 
 
+@contextmanager
+def atomic_file(target: Path | str) -> Iterator:
+    """A binary file object whose contents appear at ``target`` whole, or not at all (written
+    beside it, synced, then renamed over it)."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
