@@ -251,3 +251,37 @@ def test_the_callback_takes_the_gap_from_the_trainers_own_evaluation(tmp_path):
     at6 = {k: v for e in history if e["step"] == 6 for k, v in e.items()}
     assert {"eval_loss", "pma/eval_loss", "pma/eval_gap", "loss"} <= set(at6)
     assert at6["pma/eval_gap"] == at6["eval_loss"] - at6["pma/eval_loss"]
+
+
+@pytest.mark.parametrize("zero,ep", [(3, 1), (2, 2)])
+def test_live_pma_in_a_plain_deepspeed_loop(zero, ep, tmp_path):
+    """LivePMA in a loop of one's own (ZeRO-3; ZeRO-2 + AutoEP): the merged loss at the 3rd
+    save equals the loss of ``moe-merge merge --last 3`` of the saved checkpoints on the same
+    rows, and training goes on bit for bit as without it."""
+    def launch(out: Path, *extra: str) -> Path:
+        proc = run_cli([str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                        str(_free_port()), str(SCRIPT.with_name("plain_loop.py")), "--zero",
+                        str(zero), "--ep", str(ep), "--out", str(out), *extra])
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        return out
+
+    with_pma, without = launch(tmp_path / "a"), launch(tmp_path / "b", "--no-pma")
+    assert json.loads((with_pma / "losses.json").read_text()) == \
+        json.loads((without / "losses.json").read_text())
+    scores = json.loads((with_pma / "pma.json").read_text())
+    assert list(scores) == ["6"]
+    merged = tmp_path / "m"
+    proc = cli("merge", with_pma / "ckpts", "--last", "3", "--hf-config",
+               foreign_config(tmp_path), "--out", merged, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert scores["6"]["merged"] == pytest.approx(eval_loss(merged), rel=1e-5)
+    assert scores["6"]["merged"] != pytest.approx(scores["6"]["live"], rel=1e-6)
+
+
+def foreign_config(where: Path) -> Path:
+    """The tiny model's HF config directory (the plain loop saves none)."""
+    from support.other_trainers import model_config
+
+    d = where / "hf"
+    model_config().save_pretrained(str(d))
+    return d

@@ -33,12 +33,16 @@ import torch.distributed as dist
 VOCAB, SEQ, ROWS, EVAL_ROWS = 128, 32, 64, 8
 
 
+SIZE = {"hidden": 64, "layers": 2}  # --hidden / --layers (the benchmark's larger model)
+
+
 def model_config():
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+    h = SIZE["hidden"]
+    return Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=h, num_hidden_layers=SIZE["layers"],
                           num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                          intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+                          intermediate_size=2 * h, moe_intermediate_size=h, num_experts=4,
                           num_experts_per_tok=2, max_position_embeddings=SEQ,
                           tie_word_embeddings=False)
 
@@ -101,14 +105,16 @@ def run_hf(args) -> list[float]:
         report_to=["tensorboard"] if args.pma else [],
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         disable_tqdm=True, bf16=args.bf16)
-    trainer = Trainer(model=build_model(), args=targs, train_dataset=Tokens(ROWS, 1),
+    trainer = Trainer(model=build_model(), args=targs, train_dataset=Tokens(args.rows, 1),
                       eval_dataset=Tokens(EVAL_ROWS, 2), callbacks=[Losses()])
     if args.pma:
         from moe_merge import PMACallback
 
         trainer.add_callback(PMACallback(trainer, n=args.pma,
                                          save_merged=args.out / "pma_merged"))
-    trainer.train()
+    result = trainer.train()
+    if trainer.is_world_process_zero():
+        (args.out / "summary.json").write_text(json.dumps(result.metrics))
     return losses
 
 
@@ -187,8 +193,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--dump-from", default=None)
     ap.add_argument("--dump-to", default=None)
+    ap.add_argument("--hidden", type=int, default=SIZE["hidden"])
+    ap.add_argument("--layers", type=int, default=SIZE["layers"])
+    ap.add_argument("--rows", type=int, default=ROWS, help="training rows")
     ap.add_argument("--local_rank", type=int, default=None)
     args = ap.parse_args()
+    SIZE.update(hidden=args.hidden, layers=args.layers)
     # the process group first: the Trainer's zero.Init reads the world size from it
     deepspeed.init_distributed("gloo" if not torch.cuda.is_available() else "nccl")
     drop_shm_names()
