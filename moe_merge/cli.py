@@ -89,7 +89,7 @@ def _analyze(args) -> int:
                      batches=args.batches, micro_batch=args.micro_batch,
                      float64=args.float64, out=args.out,
                      overwrite=args.overwrite, progress=not args.quiet,
-                     echo=lambda s: print(s, file=sys.stderr, flush=True))
+                     echo=lambda s: print(s, file=sys.stderr, flush=True), data=args.data)
     print(json.dumps(result, indent=1) if args.json else render(result), end="")
     if args.out and not args.json:
         print(f"written: {args.out}/analysis.json, report.md, hessian_terms.png")
@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--float64", action="store_true",
                     help="compute in float64 (slower; removes float32 rounding from small gains)")
     an.add_argument("--hf-config", default=None, help="HF config directory when the run has no hf/")
+    an.add_argument("--data", default=None,
+                    help="measure on this data (as eval --data): for runs without a recipe")
     an.add_argument("--out", default=None, help="write analysis.json, report.md and "
                                                 "hessian_terms.png into this directory")
     an.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -293,7 +293,7 @@ def analyze(ckpts: Sequence[str | Path], *, selection: Selection = Selection(),
             overrides: Sequence[str] = (), hf_config: str | Path | None = None,
             batches: int | None = None, micro_batch: int | None = None, float64: bool = False,
             out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-            echo=print) -> dict:
+            echo=print, data: str | None = None) -> dict:
     """Choose checkpoints and weights by ``selection`` as ``moe-merge merge`` does, measure the
     second-order terms of their merge on the run's fixed validation batches (the first
     ``batches`` micro-batches of ``micro_batch`` windows, default the recipe's), and write
@@ -302,7 +302,7 @@ def analyze(ckpts: Sequence[str | Path], *, selection: Selection = Selection(),
     from moe_merge.checkpoint.discover import hf_dir_for
     from moe_merge.config.recipe import load_recipe
     from moe_merge.errors import MergeError
-    from moe_merge.evals.loss import eval_windows, recipe_for
+    from moe_merge.evals.loss import DEFAULTS, default_recipe, eval_windows, recipe_for
     from moe_merge.merge.merger import hf_state, input_dirs, plan
     from moe_merge.merge.writer import check_apart, check_target
 
@@ -321,11 +321,15 @@ def analyze(ckpts: Sequence[str | Path], *, selection: Selection = Selection(),
         check_apart(out, input_dirs([*ckpts, *([reference] if reference is not None else [])],
                                     chosen, hf_dir))
     recipe_path = Path(recipe) if recipe else recipe_for(chosen[-1].path)
-    if recipe_path is None:
+    if recipe_path is None and data is None:
         raise MergeError(f"{chosen[-1].path}: cannot find the run's recipe.yaml for its "
-                         "validation batches; pass --recipe RECIPE")
-    cfg = load_recipe(recipe_path, list(overrides))
-    windows = eval_windows(cfg)
+                         "validation batches; pass --recipe RECIPE, or --data FILE (a run of "
+                         "another trainer)")
+    if recipe_path is None:  # another trainer's run: the default windows of --data
+        recipe_path, cfg = DEFAULTS, default_recipe(list(overrides))
+    else:
+        cfg = load_recipe(recipe_path, list(overrides))
+    windows = eval_windows(cfg, data, hf_dir if data else None)
     mb = micro_batch or cfg.parallel.micro_batch
     if mb < 1:
         raise MergeError(f"--micro-batch must be >= 1, got {mb}")

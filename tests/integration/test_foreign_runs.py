@@ -285,3 +285,20 @@ def foreign_config(where: Path) -> Path:
     d = where / "hf"
     model_config().save_pretrained(str(d))
     return d
+
+
+def test_analyze_a_trainer_run_on_its_own_data(foreign, tmp_path):
+    """``moe-merge analyze OUT --data FILE``: the second-order terms of a Trainer run's merge,
+    with no recipe (the default windows of the data given)."""
+    import numpy as np
+
+    val = tmp_path / "val.bin"
+    np.random.default_rng(5).integers(0, 128, 2048).astype(np.uint16).tofile(val)
+    out = tmp_path / "a"
+    proc = cli("analyze", foreign(*RUNS["hf_z2"]), "--last", "3", "--data", val, "--set",
+               "data.seq_len=16", "--batches", "2", "--micro-batch", "2", "--out", out,
+               "--quiet", "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "analysis.json").read_text())
+    assert result["steps"] == [2, 4, 6] and result["batches"] == 2
+    assert result["recipe"] == "(defaults)"
