@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from moe_merge.live import LivePMA
+from moe_merge.live import LivePMA, window_selection
 
 
 class PMACallback(TrainerCallback):
@@ -42,7 +42,7 @@ class PMACallback(TrainerCallback):
         self.trainer = trainer
         self.options = {"n": n, "strategy": strategy, "alpha": alpha, "interval": interval,
                         "min_n": min_n}
-        LivePMA(torch.nn.Linear(1, 1), **self.options)  # the options checked now
+        window_selection(**self.options)  # the options checked now
         self.every, self.gap = every, gap
         self.eval_dataset = eval_dataset
         self.save_merged = Path(save_merged) if save_merged is not None else None
@@ -108,11 +108,8 @@ class PMACallback(TrainerCallback):
             return control
         if state.is_world_process_zero:
             from moe_merge.merge.merger import merge
-            from moe_merge.merge.selection import Selection
 
-            o = self.options
-            merge([args.output_dir], self.save_merged,
-                  Selection(o["strategy"], o["alpha"], every=o["interval"], last=o["n"]),
+            merge([args.output_dir], self.save_merged, window_selection(**self.options),
                   progress=False)
         with contextlib.suppress(RuntimeError, ValueError):
             if torch.distributed.is_available() and torch.distributed.is_initialized():

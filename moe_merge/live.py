@@ -75,19 +75,26 @@ def _release(params: list) -> None:
         whole[0].partition(param_list=whole)
 
 
+def window_selection(n: int = 3, strategy: str = "sma", alpha: float = 0.2, interval: int = 1,
+                     min_n: int = 0) -> Selection:
+    """The options of :class:`LivePMA`, checked (ValueError naming the bad one), as the
+    selection of its window: every ``interval``-th save counted back from the newest, at most
+    ``n`` of them."""
+    if n < 2:
+        raise ValueError(f"n must be >= 2, got {n}")
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    if not 0 <= min_n <= n or min_n == 1:
+        raise ValueError(f"min_n must be 0 or in 2..n={n}, got {min_n}")
+    return Selection(strategy, alpha, every=interval, last=n)
+
+
 class LivePMA:
     """The latest checkpoints of a run, merged in memory on every rank (see the module)."""
 
     def __init__(self, model, n: int = 3, strategy: str = "sma", alpha: float = 0.2,
                  interval: int = 1, min_n: int = 0):
-        if n < 2:
-            raise ValueError(f"n must be >= 2, got {n}")
-        if interval < 1:
-            raise ValueError(f"interval must be >= 1, got {interval}")
-        if not 0 <= min_n <= n or min_n == 1:
-            raise ValueError(f"min_n must be 0 or in 2..n={n}, got {min_n}")
-        # every interval-th checkpoint counted back from the newest, at most n of them
-        self.selection = Selection(strategy, alpha, every=interval, last=n)
+        self.selection = window_selection(n, strategy, alpha, interval, min_n)
         self.tensors = held_tensors(model)
         module = getattr(model, "module", model)
         self.zero3 = [p for p in module.parameters() if hasattr(p, "ds_tensor")]

@@ -93,22 +93,27 @@ def _inside(real: Path, top: Path) -> bool:
     return real == top or top in real.parents
 
 
-def read_meta(tag_dir: Path) -> dict:
-    """The tag's ``meta.json`` ({} without one): a JSON object in a small regular file."""
-    f = Path(tag_dir) / "meta.json"
-    if not os.path.lexists(f):
-        return {}
-    data = read_small(f, tag_dir)
+def read_json_object(f: Path, root: Path) -> dict:
+    """A JSON object in a small regular file ``f`` inside ``root``."""
+    data = read_small(f, root)
     try:
-        meta = json.loads(data)
+        obj = json.loads(data)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: not valid JSON ({e.msg})") from None
     except (ValueError, RecursionError) as e:  # not UTF-8, an integer of 5000 digits, nesting
         text = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
         raise CheckpointError(f"{f}: not valid JSON ({text})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{f}: holds {show_value(meta)}, not a JSON object")
-    return meta
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{f}: holds {show_value(obj)}, not a JSON object")
+    return obj
+
+
+def read_meta(tag_dir: Path) -> dict:
+    """The tag's ``meta.json`` ({} without one): a JSON object in a small regular file."""
+    f = Path(tag_dir) / "meta.json"
+    if not os.path.lexists(f):
+        return {}
+    return read_json_object(f, tag_dir)
 
 
 def read_tag(path: Path, folder: Path | None = None) -> Tag:
@@ -160,15 +165,7 @@ def read_tag(path: Path, folder: Path | None = None) -> Tag:
 def trainer_state(folder: Path) -> dict:
     """A transformers Trainer's ``trainer_state.json`` (a JSON object in a small regular file
     of ``folder``)."""
-    f = Path(folder) / TRAINER_STATE
-    try:
-        state = json.loads(read_small(f, folder))
-    except (ValueError, RecursionError) as e:
-        text = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
-        raise CheckpointError(f"{f}: not valid JSON ({text})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{f}: holds {show_value(state)}, not a JSON object")
-    return state
+    return read_json_object(Path(folder) / TRAINER_STATE, folder)
 
 
 def _listdir(path: Path) -> list[str]:
@@ -275,8 +272,9 @@ def tag_dirs(raw: str | Path) -> list[Path]:
     return [f.path for f in scan(raw)]
 
 
-def unfinished(tag_dir: Path, folder: Path | None) -> str | None:
-    """Why a tag found by listing a directory is not (yet) a whole checkpoint, or None.
+def unfinished(tag_dir: Path, folder: Path | None) -> tuple[str | None, int | None]:
+    """Why a tag found by listing a directory is not (yet) a whole checkpoint (None if it is),
+    and the step its model states store when they were read.
 
     DeepSpeed writes ``latest`` beside the tags after a tag's files: a tag newer than the one
     ``latest`` names is still being written, and so is a tag in another trainer's checkpoint
@@ -285,21 +283,24 @@ def unfinished(tag_dir: Path, folder: Path | None) -> str | None:
     latest = latest_tag(tag_dir.parent)
     if latest is None:
         if folder is not None:
-            return f"no {folder / 'latest'} yet: still being written"
+            return f"no {folder / 'latest'} yet: still being written", None
     elif latest != tag_dir.name:
         step, newest = step_of_name(tag_dir.name, tag_dir), step_of_name(latest, tag_dir.parent)
         if step is not None and newest is not None and step > newest:
             return (f"newer than the tag {tag_dir.parent / 'latest'} names ({latest}): still "
-                    "being written")
+                    "being written"), None
     from moe_merge.checkpoint.reader import DSCheckpoint
 
     try:
-        DSCheckpoint(tag_dir, verify=False).close()
+        r = DSCheckpoint(tag_dir, verify=False)
     except IncompleteCheckpoint as e:
-        return str(e)
+        return str(e), None
     except CheckpointError:
-        return None  # refused when it is read, if it is chosen
-    return None
+        return None, None  # refused when it is read, if it is chosen
+    try:
+        return None, r.step
+    finally:
+        r.close()
 
 
 def find_tags(inputs: list[str | Path], warn: Callable[[str], None] | None = None) -> list[Tag]:
@@ -311,16 +312,20 @@ def find_tags(inputs: list[str | Path], warn: Callable[[str], None] | None = Non
     found: dict[Path, Tag] = {}
     for raw in inputs:
         for f in scan(raw):
-            if not f.explicit and (why := unfinished(f.path, f.folder)):
-                warn(f"warning: skipped {f.path}: {why}")
-                continue
+            stored = None
+            if not f.explicit:
+                why, stored = unfinished(f.path, f.folder)
+                if why:
+                    warn(f"warning: skipped {f.path}: {why}")
+                    continue
             t = read_tag(f.path, f.folder)
+            if t.step < 0:
+                t = replace(t, step=stored if stored is not None else stored_step(t.path))
             found[t.path] = t
     if not found:
         raise CheckpointError(f"no whole checkpoints in {', '.join(map(str, inputs))}"
                               if inputs else "no checkpoints given")
-    tags = [t if t.step >= 0 else replace(t, step=stored_step(t.path)) for t in found.values()]
-    tags.sort(key=lambda t: (t.step, t.name))
+    tags = sorted(found.values(), key=lambda t: (t.step, t.name))
     seen: dict[int, Tag] = {}
     for t in tags:
         if seen.setdefault(t.step, t) is not t:

@@ -39,12 +39,14 @@ def inspect(path: str | Path, verify: bool = False) -> dict:
     for f in found:
         d = f.path
         try:
-            if not f.explicit and (why := unfinished(d, f.folder)):
+            why, stored = unfinished(d, f.folder) if not f.explicit else (None, None)
+            if why:
                 skipped.append({"tag": d.name, "path": str(d), "why": why})
                 continue
             t = read_tag(d, f.folder)
             if t.step < 0:
-                t = dataclasses.replace(t, step=stored_step(t.path))
+                t = dataclasses.replace(t, step=stored if stored is not None
+                                        else stored_step(t.path))
         except CheckpointError as e:
             rows.append({"tag": d.name, "path": str(d), "step": -1, "tokens": None,
                          "error": str(e)})

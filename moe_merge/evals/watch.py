@@ -114,13 +114,15 @@ class Watcher:
         else:
             self.recipe_path, self.cfg = path, load_recipe(path, self.overrides)
 
-    def _score(self, model_dir: Path) -> float:
+    def _score(self, model: Path) -> float:
+        """The loss of an HF directory or a checkpoint (gathered) on the watcher's windows
+        (built on first use, with the first model's tokenizer for ``--data``)."""
         from moe_merge.evals.loss import eval_windows, score
 
         if self.windows is None:
-            self.windows = eval_windows(self.cfg, self.data, model_dir if self.data else None)
-        return score(model_dir, self.cfg, self.recipe_path, data=self.data,
-                     windows=self.windows)["loss"]
+            self.windows = eval_windows(self.cfg, self.data, model if self.data else None)
+        return score(model, self.cfg, self.recipe_path, data=self.data,
+                     hf_config=self.hf_config, windows=self.windows)["loss"]
 
     def step(self, tags: list[Tag], upto: Tag, tb) -> dict | None:
         """Merge and score the window ending at ``upto``; None if it is not full yet."""
@@ -148,11 +150,8 @@ class Watcher:
                    "weights": self.selection.weights_for(len(chosen)),
                    "strategy": self.selection.describe()}
             rec["val_loss"] = self._score(merged)
-            if self.latest:
-                one = Path(tmp) / "latest"
-                merge([upto.path], one, Selection(last=1), OutputOptions(hf_config=self.hf_config),
-                      progress=False, echo=lambda s: None)
-                rec["latest_val_loss"] = self._score(one)
+            if self.latest:  # the checkpoint alone, gathered as moe-merge eval gathers it
+                rec["latest_val_loss"] = self._score(upto.path)
                 rec["val_gap"] = rec["latest_val_loss"] - rec["val_loss"]
             if self.tasks:
                 from moe_merge.evals.downstream import run_tasks
@@ -186,7 +185,7 @@ class Watcher:
         done = {r["step"] for r in read_log(self.out / LOG)}
         old = {s: signal.signal(s, self._ask_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         tb = SummaryWriter(str(self.out / "tb"))
-        written, last_new = 0, time.monotonic()
+        written, last_new, end = 0, time.monotonic(), None
         try:
             while not self.stop:
                 try:
@@ -195,7 +194,7 @@ class Watcher:
                     if "no DeepSpeed checkpoint tags" not in str(e) and "no whole" not in str(e):
                         raise
                     tags = []  # nothing saved yet
-                end = final_step(self.run, tags)
+                end = end if end is not None else final_step(self.run, tags)
                 for t in tags:
                     if self.stop:
                         break
@@ -232,4 +231,4 @@ class Watcher:
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while not self.stop and time.monotonic() < end:
-            time.sleep(min(0.2, end - time.monotonic()) if end > time.monotonic() else 0)
+            time.sleep(max(0.0, min(0.2, end - time.monotonic())))

@@ -174,10 +174,10 @@ def drop_shm_names() -> None:
     every rank has mapped them all (inside init), drop the names so that exit frees them."""
     if torch.cuda.is_available():
         return
+    from moe_merge.training.distributed import shm_segment
+
     dist.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    Path("/dev/shm", name).unlink(missing_ok=True)
+    shm_segment(dist.get_rank()).unlink(missing_ok=True)
 
 
 def main() -> None:
