@@ -37,11 +37,16 @@ def _study(args) -> int:
     out = Path(args.out or f"runs/study_{args.kind.replace('-', '_')}_{Path(args.recipe).stem}"
                + ("_quick" if args.quick else ""))
     echo = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    task_ov = _study_task_overrides(args)
     if args.kind != "anneal":
+        if task_ov:
+            raise MergeError(f"study {args.kind}: --tasks, --include-path, --limit and "
+                             "--num-fewshot are for the anneal study")
         return _stability_study(args, out, echo)
     from moe_merge.studies.anneal import AnnealStudy
 
-    study = AnnealStudy(args.recipe, args.overrides, out, quick=args.quick, echo=echo)
+    study = AnnealStudy(args.recipe, [*args.overrides, *task_ov], out, quick=args.quick,
+                        echo=echo)
     res = study.run()
     s = res["summary"]
     print(f"report: {out / 'report.md'}")
@@ -56,6 +61,25 @@ def _study(args) -> int:
     else:
         print("annealing did not lower the loss at these fork points: no captured fraction")
     return 0
+
+
+def _study_task_overrides(args) -> list[str]:
+    """``--tasks`` and its options as the study section's keys (study.tasks=[...] etc.)."""
+    import os
+
+    ov = []
+    if args.tasks is not None:
+        tasks = [t for t in args.tasks.split(",") if t]
+        ov.append(f"study.tasks=[{','.join(tasks)}]")
+    if args.include_path is not None:
+        ov.append(f"study.task_include_path={os.path.abspath(args.include_path)}")
+    if args.limit is not None:
+        ov.append(f"study.task_limit={args.limit}")
+    if args.num_fewshot is not None:
+        ov.append(f"study.task_num_fewshot={args.num_fewshot}")
+    if args.batch_size != 1:
+        ov.append(f"study.task_batch_size={args.batch_size}")
+    return ov
 
 
 def _stability_study(args, out, echo) -> int:
@@ -260,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "continues an interrupted study")
     sd.add_argument("--quick", action="store_true",
                     help="a tiny model and a short run (a few minutes; for tests)")
+    _task_arguments(sd)
+    sd.add_argument("--num-fewshot", type=int, default=None,
+                    help="with --tasks: few-shot examples per document")
 
     an = sub.add_parser("analyze", help="measure why merging helps: Hessian-vector products give "
                                         "δ_iᵀHδ_j of the merged checkpoints, the predicted and "

@@ -470,9 +470,6 @@ def validate(cfg: RecipeConfig, world_size: Optional[int] = None) -> None:
         _require(pm.val_batches >= 0, "pma_monitor.val_batches", "must be >= 0")
         _require(c.every_tokens > 0, "pma_monitor.enabled",
                  "the monitor merges checkpoints: set checkpoint.every_tokens")
-        _require(p.zero_stage <= 2, "pma_monitor.enabled",
-                 "the live monitor needs parallel.zero_stage <= 2 (ZeRO-3 ranks hold no full "
-                 "module weights); merge ZeRO-3 runs offline with moe-merge merge")
 
 
 def _validate_stability(cfg: RecipeConfig) -> None:

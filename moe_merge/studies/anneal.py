@@ -21,6 +21,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -75,6 +76,18 @@ class AnnealStudyConfig:
     """Validation micro-batches for the Hessian-vector-product analysis (``moe-merge analyze``)
     of the headline SMA window at the latest fork, around the merged weights and around the
     annealed branch's end (0: skip)."""
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval-harness tasks (``--tasks``) scored on the latest, the annealed and the merged
+    models of every fork, beside their validation losses (empty: losses only)."""
+    task_strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    """The merges scored on the tasks (of sma, wma, ema0.1, ema0.2)."""
+    task_limit: Optional[int] = None
+    """Documents per task (lm-eval's ``--limit``; none: all)."""
+    task_include_path: Optional[str] = None
+    """A directory of local task YAMLs (``--include-path``)."""
+    task_num_fewshot: Optional[int] = None
+    """Few-shot examples per document (none: the task's default)."""
+    task_batch_size: int = 1
 
 
 def load_study(path: str | Path, overrides: list[str] = (), quick: bool = False,
@@ -139,6 +152,19 @@ def _check(cfg: RecipeConfig, st: AnnealStudyConfig, path: Path) -> None:
         need(f % cfg.checkpoint_every_steps == 0 and 0 < f and f + decay <= cfg.total_steps,
              "study.fork_steps", f"{f} is not a checkpoint step with {decay} steps of trunk "
              "after it")
+    bad = [k for k in st.task_strategies if k not in STRATEGIES]
+    need(not bad, "study.task_strategies", f"unknown {bad}; choose from {list(STRATEGIES)}")
+    if st.tasks:  # an unknown task or a missing lm-eval fails here, before any training
+        from moe_merge.evals.downstream import check_tasks
+
+        check_tasks(list(st.tasks), task_options(st))
+
+
+def task_options(st: AnnealStudyConfig):
+    from moe_merge.evals.downstream import TaskOptions
+
+    return TaskOptions(limit=st.task_limit, batch_size=st.task_batch_size,
+                       include_path=st.task_include_path, num_fewshot=st.task_num_fewshot)
 
 
 def _first_fork(cfg: RecipeConfig, st: AnnealStudyConfig) -> int:
@@ -232,6 +258,46 @@ class Evaluator:
                                f"unexpected {unexpected[:3]}")
         self.evals += 1
         return loss_on(self.model, self.windows, self.micro_batch)[0]
+
+
+class Downstream:
+    """lm-eval-harness scores of in-memory HF state dicts (``study.tasks``). Each state is
+    written as a merge output would be (safetensors + the run's HF config and tokenizer) into
+    a temporary directory and scored there; the scores are kept in ``cache`` (a JSON file in
+    the seed's directory) under the models' checkpoints, weights and task options, so a
+    re-run scores nothing twice."""
+
+    def __init__(self, st: AnnealStudyConfig, hf_dir: Path, cache: Path):
+        self.tasks, self.options = list(st.tasks), task_options(st)
+        self.hf_dir, self.cache = hf_dir, cache
+        self.seen = json.loads(cache.read_text()) if cache.is_file() else {}
+        self.scored = 0
+
+    def scores(self, parts: list[tuple[Path, int]], weights: list[float], state) -> dict:
+        """``state``: a callable giving the state dict, called only when not cached."""
+        key = json.dumps({"parts": [[r.name, s] for r, s in parts],
+                          "weights": [round(w, 12) for w in weights], "tasks": self.tasks,
+                          "options": asdict(self.options)}, sort_keys=True)
+        if key not in self.seen:
+            import tempfile
+
+            import torch
+            from safetensors.torch import save_file
+
+            from moe_merge.evals.downstream import run_tasks
+            from moe_merge.merge.hf_files import copy_files, plan_copy
+            from moe_merge.merge.writer import atomic_file
+
+            with tempfile.TemporaryDirectory(dir=self.cache.parent,
+                                             prefix=".downstream-") as tmp:
+                copy_files(plan_copy(self.hf_dir), Path(tmp))
+                save_file({k: torch.as_tensor(v).contiguous() for k, v in state().items()},
+                          str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+                self.seen[key] = run_tasks(Path(tmp), self.tasks, self.options)["scores"]
+            self.scored += 1
+            with atomic_file(self.cache) as f:
+                f.write((json.dumps(self.seen, indent=1) + "\n").encode())
+        return self.seen[key]
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -348,6 +414,8 @@ class AnnealStudy(StudyBase):
         trunk_steps = _steps(trunk)
         trunk_lrs = self._lrs()
         res = {"seed": seed, "forks": [], "grid": [], "gain_vs_lr": []}
+        down = (Downstream(self.st, trunk / "hf", self.out / f"seed{seed}" / "downstream.json")
+                if self.st.tasks else None)
         for f in self.forks:
             b = branches[f]
             b_steps = _steps(b)
@@ -366,6 +434,8 @@ class AnnealStudy(StudyBase):
                 gain = last - annealed
                 row["captured"][label] = (last - loss) / gain if gain > 0 else None
                 row["abs_error"][label] = abs(loss - annealed)
+            if down is not None:
+                row["downstream"] = self._downstream(down, ev, trunk, b, chosen, end)
             res["forks"].append(row)
             # merge gain along the branch: windows over trunk + branch checkpoints
             b_lrs = self._lrs(f)
@@ -406,8 +476,22 @@ class AnnealStudy(StudyBase):
         res["branch_val"] = {str(f): _val_curve(b) for f, b in branches.items()}
         res["eval_seconds"] = time.perf_counter() - t0
         res["evaluations"] = ev.evals
+        if down is not None:
+            res["downstream_scored"] = down.scored
         self.echo(f"  seed {seed}: {ev.evals} evaluations in {res['eval_seconds']:.0f} s")
         return res
+
+    def _downstream(self, down: Downstream, ev: Evaluator, trunk: Path, branch: Path,
+                    chosen: list[int], end: int) -> dict:
+        """Task scores of the latest checkpoint, the annealed branch's end and the merges of
+        ``chosen`` (``study.task_strategies``), as ``{model: {task: {metric: value}}}``."""
+        out = {"latest": down.scores([(trunk, end)], [1.0], lambda: ev.state(trunk, end)),
+               "annealed": down.scores([(branch, end)], [1.0], lambda: ev.state(branch, end))}
+        parts = [(trunk, s) for s in chosen]
+        for label in self.st.task_strategies:
+            w = STRATEGIES[label].weights_for(len(chosen))
+            out[f"merged_{label}"] = down.scores(parts, w, lambda w=w: ev.merged(parts, w))
+        return out
 
     def _mechanism(self, ev: Evaluator, trunk: Path, branches: dict[int, Path], row: dict
                    ) -> dict:
@@ -528,4 +612,12 @@ def summarize(seeds: list[dict]) -> dict:
                                           if r["captured"][k] is not None]) for k in STRATEGIES},
         }
     out["per_fork"] = per_fork
+    rows = [r["downstream"] for s in seeds for r in s["forks"] if r.get("downstream")]
+    if rows:  # {model: {task: {metric: mean ± std over forks and seeds}}}
+        out["downstream"] = {
+            model: {task: {m: mean_std([r[model][task][m] for r in rows
+                                        if m in r.get(model, {}).get(task, {})])
+                           for m in metrics}
+                    for task, metrics in rows[0][model].items()}
+            for model in rows[0]}
     return out

@@ -77,6 +77,7 @@ def _markdown(res: dict, plots: list[str]) -> str:
               f"(per seed): {_ms(s['spearman_all'], 3)}; SMA over the fork points: "
               f"{_ms(s['spearman_sma_forks'], 3)}.", ""]
     lines += _mechanism(res)
+    lines += _downstream(res)
     grid = [c for c in res["seeds"][0]["grid"]]
     if grid:
         lines += ["## Ablation grid (first seed)", "",
@@ -201,8 +202,35 @@ def _tensorboard(out: Path, res: dict) -> None:
                     w.add_scalar(f"seed{s['seed']}/merged_{k}", r["merged"][k], step)
                 if "tissue" in r:
                     w.add_scalar(f"seed{s['seed']}/tissue", r["tissue"], step)
+                for model, tasks in r.get("downstream", {}).items():
+                    for task, metrics in tasks.items():
+                        for m, v in metrics.items():
+                            w.add_scalar(f"seed{s['seed']}/{task}/{m}/{model}", v, step)
     finally:
         w.close()
+
+
+def _downstream(res: dict) -> list[str]:
+    """The lm-eval task scores (``study.tasks``): per task and metric, latest | merges |
+    annealed, mean ± std over forks and seeds."""
+    d = res["summary"].get("downstream")
+    if not d:
+        return []
+    st = res["study"]
+    models = ["latest", *[f"merged_{k}" for k in st["task_strategies"]], "annealed"]
+    models = [m for m in models if m in d]
+    limit = f", at most {st['task_limit']} documents per task" if st.get("task_limit") else ""
+    lines = ["## Downstream tasks (lm-eval-harness)", "",
+             f"Tasks {', '.join(st['tasks'])}{limit}; the models of the headline table, "
+             "mean ± std over fork points and seeds.", "",
+             "| task | metric | " + " | ".join(m.replace("_", " ") for m in models) + " |",
+             "|---|---|" + "---|" * len(models)]
+    first = d[models[0]]
+    for task, metrics in first.items():
+        for m in metrics:
+            lines.append(f"| {task} | {m} | " + " | ".join(
+                _ms(d[model].get(task, {}).get(m)) for model in models) + " |")
+    return lines + [""]
 
 
 def _mechanism(res: dict) -> list[str]:

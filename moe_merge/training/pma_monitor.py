@@ -1,17 +1,15 @@
 """Live PMA monitor: at every checkpoint, the merge of the latest N checkpoints, evaluated in
 process on the fixed validation batches, logged as ``pma/val_loss`` beside ``val/loss``.
 
-Averaging is linear, so every rank merges the weights it holds, with no gathering: under ZeRO
-0/1/2 each rank's module holds the full non-expert weights and its own experts (AutoEP), and the
-merged values of exactly those tensors are what its forward pass needs. The monitor keeps, on
-the host, a copy of each rank's module weights at every checkpoint in the window (for fp32
-training these are the fp32 master values; for bf16 the bf16 module copies, so the merge then
-averages rounded weights), writes the weighted sum into the module (the merger's own
-arithmetic: for fp32 training, the weights ``moe-merge merge`` writes, bit for bit), runs the
-validation pass, and writes the latest checkpoint's weights back (exactly: they are the newest
-snapshot). The
-optimizer's master weights and moments are never touched, so training continues bit for bit as
-without the monitor.
+Averaging is linear, so every rank merges the weights it holds, with no gathering (see
+:mod:`moe_merge.live`): under ZeRO 0/1/2 the full non-expert weights and its own experts
+(AutoEP), under ZeRO-3 its partition of each parameter. The monitor keeps, on the host, a copy
+of those weights at every checkpoint in the window (for fp32 training the fp32 master values;
+for bf16 the bf16 module copies, so the merge then averages rounded weights), writes the
+weighted sum into the module (the merger's own arithmetic), runs the validation pass, and
+writes the latest checkpoint's weights back (exactly: they are the newest snapshot). The
+optimizer's master weights and moments are never touched, so training continues bit for bit
+as without the monitor.
 
 Cost per checkpoint: one validation pass plus N weighted sums over the rank's weights in host
 memory. Memory: ((N - 1) * interval + 1) host copies of the rank's module weights.

@@ -5,8 +5,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 import pytest
+from support.lm_tasks import by_hand, write_task
+from support.merging import cli
 from support.runs import REPO
 
 from moe_merge.studies.anneal import (
@@ -66,6 +69,35 @@ def test_quick_study_runs_end_to_end(tmp_path, data_cache, study_cli):
     assert again.returncode == 0, again.stderr[-2000:]
     res2 = json.loads((out / "results.json").read_text())
     assert res2["seeds"][0]["forks"] == res["seeds"][0]["forks"]
+    # with --tasks: every run reused, and the latest, annealed and merged models of each fork
+    # scored by lm-eval; the scores are those of `moe-merge eval --tasks` on the branch's
+    # checkpoint and a hand computation on `moe-merge merge` of the window
+    tasks = write_task(tmp_path / "tasks")
+    scored = study_cli("study", "anneal", str(STUDY), "--quick", "--out", str(out),
+                       f"data.cache_dir={data_cache}", "--tasks", "tiny_mc", "--include-path",
+                       str(tasks), "study.task_strategies=[sma]")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    res3 = json.loads((out / "results.json").read_text())
+    seed3 = res3["seeds"][0]
+    assert seed3["downstream_scored"] == 6 and "downstream.json" in os.listdir(out / "seed1")
+    for row, before in zip(seed3["forks"], res["seeds"][0]["forks"]):
+        assert row["merged"] == before["merged"] and row["annealed"] == before["annealed"]
+        assert set(row["downstream"]) == {"latest", "annealed", "merged_sma"}
+    row = seed3["forks"][-1]
+    branch = out / "seed1" / f"anneal_{row['fork_step']}" / "checkpoints" / \
+        f"global_step{row['step']}"
+    proc = cli("eval", branch, "--tasks", "tiny_mc", "--include-path", tasks, "--results",
+               tmp_path / "annealed.json", "--json", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert row["downstream"]["annealed"] == json.loads(proc.stdout)
+    merged = tmp_path / "merged_window"
+    window = [out / "seed1" / "trunk" / "checkpoints" / f"global_step{s}" for s in row["window"]]
+    assert cli("merge", *window, "--out", merged, "--quiet").returncode == 0
+    assert row["downstream"]["merged_sma"]["tiny_mc"] == by_hand(merged)
+    summary3 = res3["summary"]["downstream"]
+    accs = [r["downstream"]["latest"]["tiny_mc"]["acc"] for r in seed3["forks"]]
+    assert summary3["latest"]["tiny_mc"]["acc"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert "## Downstream tasks" in (out / "report.md").read_text()
     # the spread over seeds: a second seed that is the first with every loss + 0.1 and its
     # annealed losses + 0.2 (captured fractions change, absolute errors shift by 0.1)
     two = copy.deepcopy(res["seeds"][0])

@@ -10,14 +10,15 @@ from moe_merge.training.pma_monitor import PMA_SCALARS
 
 
 @pytest.mark.distributed
-def test_monitor_logs_the_merged_loss_and_leaves_training_untouched(trained, tmp_path):
+@pytest.mark.parametrize("zero", [2, 3])  # ZeRO-3: each rank merges its own partitions
+def test_monitor_logs_the_merged_loss_and_leaves_training_untouched(trained, tmp_path, zero):
     from support.runs import tb_tags
 
     from moe_merge.evals.loss import evaluate
     from moe_merge.merge.merger import merge
     from moe_merge.merge.selection import Selection
 
-    run, plain = trained("moe_pma_z2"), trained("moe_z2")
+    run, plain = trained(f"moe_pma_z{zero}"), trained(f"moe_z{zero}")
     assert train_losses(run) == train_losses(plain)  # bit for bit: the weights are restored
     metrics = read_metrics(run)
     pma = {m["step"]: m for m in metrics if "pma/val_loss" in m}

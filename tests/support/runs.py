@@ -39,8 +39,9 @@ RUNS = {
     "moe_bf16_z2": (MOE_RECIPE, [*TINY_MOE, "parallel.precision=bf16"]),
     "llama_z0": (DENSE_RECIPE, [*TINY_DENSE, "model.arch=llama", "parallel.zero_stage=0"]),
     # moe_z2 with the live PMA monitor: merges of the latest 3 checkpoints at steps 6 and 8
-    "moe_pma_z2": (MOE_RECIPE, [*TINY_MOE, *DECAY, "parallel.zero_stage=2",
-                                "pma_monitor.enabled=true", "pma_monitor.n=3"]),
+    **{f"moe_pma_z{z}": (MOE_RECIPE, [*TINY_MOE, *DECAY, f"parallel.zero_stage={z}",
+                                     "pma_monitor.enabled=true", "pma_monitor.n=3"])
+       for z in (2, 3)},
 }
 
 

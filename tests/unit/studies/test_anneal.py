@@ -55,3 +55,42 @@ def test_unknown_study_key_is_refused():
         load_study(STUDY, ["study.nope=1"])
 
 
+
+
+def test_downstream_scores_each_model_once_across_reruns(tmp_path, monkeypatch):
+    """study.tasks: each model is written as a merge output (safetensors + the HF files) and
+    scored once; a re-run reads the scores back from the seed's downstream.json."""
+    import torch
+    from safetensors.torch import load_file
+
+    from moe_merge.evals import downstream
+    from moe_merge.studies.anneal import Downstream
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "qwen3_moe"}')
+    (hf / "trainer_state.json").write_text("{}")  # not an HF model file: not copied
+    calls = []
+
+    def fake_run_tasks(model_dir, tasks, options):
+        files = sorted(p.name for p in model_dir.iterdir())
+        calls.append((files, load_file(str(model_dir / "model.safetensors")), tasks))
+        return {"scores": {"t": {"acc": 0.25 * len(calls)}}}
+
+    monkeypatch.setattr(downstream, "run_tasks", fake_run_tasks)
+    st = AnnealStudyConfig(tasks=["t"])
+    cache = tmp_path / "seed1" / "downstream.json"
+    cache.parent.mkdir()
+    trunk = tmp_path / "seed1" / "trunk"
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    d = Downstream(st, hf, cache)
+    assert d.scores([(trunk, 4)], [1.0], lambda: state) == {"t": {"acc": 0.25}}
+    files, written, tasks = calls[0]
+    assert files == ["config.json", "model.safetensors"] and tasks == ["t"]
+    assert torch.equal(written["w"], state["w"])
+    assert d.scores([(trunk, 4)], [1.0], lambda: 1 / 0) == {"t": {"acc": 0.25}}
+    again = Downstream(st, hf, cache)  # a re-run of the study
+    assert again.scores([(trunk, 4)], [1.0], lambda: 1 / 0) == {"t": {"acc": 0.25}}
+    assert again.scores([(trunk, 4), (trunk, 6)], [0.5, 0.5], lambda: state)["t"]["acc"] == 0.5
+    assert len(calls) == 2 and again.scored == 1
+    assert not [p for p in cache.parent.iterdir() if p.name.startswith(".downstream-")]

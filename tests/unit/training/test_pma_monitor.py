@@ -59,7 +59,6 @@ def test_monitor_merges_its_window_and_restores_the_latest_weights(dtype):
     ("pma_monitor.strategy=median", "pma_monitor.strategy"),
     ("pma_monitor.interval=0", "pma_monitor.interval"),
     ("pma_monitor.min_n=1", "pma_monitor.min_n"),
-    ("parallel.zero_stage=3", "pma_monitor.enabled"),
     ("checkpoint.every_tokens=0", "pma_monitor.enabled"),
 ])
 def test_bad_monitor_settings_name_the_key(override, key):
